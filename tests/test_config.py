@@ -1,0 +1,110 @@
+"""Config: defaults, sources and their order, validation messages, recipes, --help."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from larpo_ray.config import CONFIGS_DIR, Config, ConfigError, LossConfig, help_text, load_config
+
+
+def test_defaults_validate_and_match_the_default_recipe():
+    assert load_config(preset="default") == Config()
+
+
+def test_sources_in_order_defaults_yaml_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"loss": {"name": "contrastive", "beta": 0.5}, "generation": {"k": 6}}))
+    cfg = load_config(str(recipe), overrides=["--loss.name", "listmle", "--generation.temperature=0.8,1.0", "--loop.iterations", "2"])
+    assert cfg.loss.name == "listmle"  # override beats YAML
+    assert cfg.loss.beta == 0.5  # YAML beats default
+    assert cfg.generation.k == 6
+    assert cfg.generation.temperature == [0.8, 1.0]
+    assert cfg.learner.lr == Config().learner.lr  # default kept
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--loss.nam", "x"], "unknown key loss.nam (did you mean loss.name?)"),
+        (["--los.name", "x"], "unknown config group 'los' (did you mean loss?)"),
+        (["--loss.name", "lismle"], "loss.name = 'lismle' is not allowed: choose one of 'pairwise', 'contrastive', 'lambdarank', 'listmle', 'ipo' (did you mean listmle?)"),
+        (["--generation.k", "three"], "generation.k = 'three' has the wrong type: expected int, got str"),
+        (["--learner.lr", "-1"], "learner.lr = -1.0 is not allowed: > 0"),
+        (["--generation.top_p", "1.5"], "generation.top_p = 1.5 is not allowed: in (0, 1]"),
+        (["--loss.name", "listmle", "--generation.k", "2"], "loss.name = 'listmle' is listwise and needs lists of >= 3 candidates, but generation.k = 2"),
+        (["--lists.top", "3", "--lists.bottom", "3"], "lists.top + lists.bottom = 6 exceeds the 4 candidates"),
+        (["--lists.rule", "correct_incorrect", "--reward.rule", "graded"], "lists.rule = 'correct_incorrect' needs binary rewards"),
+        (["--learner.offload_optimizer", "true"], "learner.offload_optimizer = True is not allowed: needs learner.zero_stage >= 1"),
+        (["--reward.kind", "http"], "reward.url = None is not allowed: set it when reward.kind = http"),
+        (["--loop.iterations"], "--loop.iterations needs a value"),
+        (["loss.name", "x"], "unexpected argument 'loss.name'"),
+        (["--generation.temperature", "0.7,0.8", "--loop.iterations", "1"], "generation.temperature lists 2 values for loop.iterations = 1"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_construction_in_python_is_validated_too():
+    with pytest.raises(ConfigError, match="loss.beta = 0.0 is not allowed"):
+        LossConfig(beta=0)
+    with pytest.raises(ConfigError, match="expected bool"):
+        LossConfig(length_normalize="yes")
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of groups"):
+        load_config(str(scalar))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config(preset="nope")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(str(CONFIGS_DIR / recipe))
+    assert Config.from_dict(cfg.to_dict()) == cfg  # the resolved config round-trips
+
+
+def test_paper_recipes_hold_the_papers_settings():
+    base = load_config(preset="paper-mistral7b-base-contrastive")
+    assert (base.generation.k, base.generation.temperature, base.loop.iterations, base.learner.lr, base.learner.epochs) == (10, [1.0], 3, 5e-7, 2)
+    assert (base.lists.top, base.lists.bottom, base.lists.keep_order, base.reward.kind) == (1, 3, False, "model")
+    instruct = load_config(preset="paper-mistral7b-instruct-lambdarank")
+    assert (instruct.loss.name, instruct.lists.top, instruct.lists.bottom, instruct.generation.temperature) == ("lambdarank", 2, 2, [0.8])
+    study = {n: load_config(preset=f"paper-study-gemma2-{n}") for n in ("pairwise", "contrastive", "lambdarank", "listmle")}
+    assert {n: c.generation.k for n, c in study.items()} == {"pairwise": 2, "contrastive": 4, "lambdarank": 4, "listmle": 4}
+    math = load_config(preset="paper-math-mistral7b")
+    assert (math.generation.k, math.lists.rule, math.reward.kind, math.reward.rule) == (20, "correct_incorrect", "rule", "binary")
+
+
+def test_saved_config_loads_back(tmp_path):
+    cfg = load_config(overrides=["--loss.name", "contrastive", "--data.system_prompt", "Be brief."])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_help_lists_every_knob_with_doc_and_default():
+    text = help_text()
+    for group in dataclasses.fields(Config):
+        for f in dataclasses.fields(group.default_factory()):
+            assert f"--{group.name}.{f.name} (" in text
+            assert f.metadata["doc"] in text
+
+
+def test_config_import_is_light():
+    code = "import larpo_ray.config, sys; bad = [m for m in ('torch', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
