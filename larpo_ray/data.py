@@ -46,7 +46,9 @@ class SplitReport:
 
     source: str
     rows_read: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # bad-row reason -> count
+    # bad-row reason -> count; reasons: missing_column, not_a_string, empty_prompt, bad_messages,
+    # bad_answer, not_an_object, too_long, template_error, invalid_json, undecodable
+    skipped: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0  # rows dropped because an earlier row had the same uid
     in_eval: int = 0  # train only: prompts dropped because eval holds them
     kept: int = 0
@@ -94,13 +96,13 @@ def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
     report = DataReport(SplitReport(cfg.source), SplitReport(held_out))
     if builtin:
         rows, builtin_eval = _builtin_rows(cfg)
-        train = _to_prompts(rows, cfg.source, "row", cfg, tokenizer, report.train)
+        train = _to_prompts(cfg.source, "row", rows, cfg, tokenizer, report.train)
     else:
         train = _to_prompts(*_read_source(cfg.source, cfg.split), cfg, tokenizer, report.train)
     if cfg.eval_source is not None:
         evals = _to_prompts(*_read_source(cfg.eval_source, cfg.split), cfg, tokenizer, report.eval)[: cfg.num_eval or None]
     elif builtin:
-        evals = _to_prompts(builtin_eval, held_out, "row", cfg, tokenizer, report.eval) if builtin_eval else []
+        evals = _to_prompts(held_out, "row", builtin_eval, cfg, tokenizer, report.eval) if builtin_eval else []
     else:
         train, evals = _hold_out_tail(train, cfg)
     eval_uids = {p.uid for p in evals}
@@ -142,10 +144,11 @@ def _builtin_rows(cfg: DataConfig) -> tuple[list[_Row], list[_Row]]:
         train, evals = make_splits(cfg.levels, cfg.num_train, cfg.num_eval, cfg.seed)
     except ValueError as err:
         raise DataError(f"{cfg.source}: {err} (config keys: data.num_train, data.num_eval, data.levels)") from None
-    return tuple(  # type: ignore[return-value]
-        [(i, {cfg.prompt_column: format_question(p), cfg.answer_column: p.answer}, p.uid)
-         for i, p in enumerate(problems, start=1)]
-        for problems in (train, evals))
+    def rows(problems: list) -> list[_Row]:
+        return [(i, {cfg.prompt_column: format_question(p), cfg.answer_column: p.answer}, p.uid)
+                for i, p in enumerate(problems, start=1)]
+
+    return rows(train), rows(evals)
 
 
 def _read_source(source: str, split: str) -> tuple[str, str, list[_Row]]:
@@ -227,7 +230,7 @@ def _read_hub(source: str, default_split: str) -> tuple[str, str, list[_Row]]:
 # ---- rows to prompts -----------------------------------------------------------------------------
 
 
-def _to_prompts(rows: list[_Row], where: str, unit: str, cfg: DataConfig, tokenizer: Any,
+def _to_prompts(where: str, unit: str, rows: list[_Row], cfg: DataConfig, tokenizer: Any,
                 report: SplitReport) -> list[Prompt]:
     """Validate, template and dedup rows in order; bad rows raise, or are skipped and counted."""
     prompts: list[Prompt] = []
@@ -294,7 +297,7 @@ def _row_messages(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
         raise _BadRow("missing_column", f"no {cfg.prompt_column!r} or {cfg.messages_column!r} value (fields: {sorted(row)})",
                       f"give the row a {cfg.prompt_column!r} string or a {cfg.messages_column!r} list")
     if not isinstance(text, str):
-        raise _BadRow("not_a_string", f"{cfg.prompt_column!r} is a {type(text).__name__}, not a string",
+        raise _BadRow("not_a_string", f"{cfg.prompt_column!r} is of type {type(text).__name__}, not a string",
                       f"write the prompt as a string (a chat goes in {cfg.messages_column!r})")
     if not text.strip():
         raise _BadRow("empty_prompt", f"{cfg.prompt_column!r} is empty", "write the prompt text or drop the row")
@@ -311,7 +314,7 @@ def _check_chat(chat: Any, column: str) -> list[dict[str, str]]:
             raise _BadRow("bad_messages", f"{column}[{j}] is not a {{role, content}} object of strings", fix)
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "user":
-        raise _BadRow("bad_messages", f"the chat ends with a {out[-1]['role']!r} message, not a user message", fix)
+        raise _BadRow("bad_messages", f"the chat ends with a message of role {out[-1]['role']!r}, not 'user'", fix)
     if not out[-1]["content"].strip():
         raise _BadRow("empty_prompt", "the last user message is empty", "write the prompt text or drop the row")
     return out
@@ -322,7 +325,7 @@ def _answer(row: dict, column: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: pandas' missing value
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _BadRow("bad_answer", f"{column!r} is a {type(value).__name__}, not a string or number",
+        raise _BadRow("bad_answer", f"{column!r} is of type {type(value).__name__}, not a string or number",
                       "write the reference answer as a string or number, or leave it out")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # 42.0 (an int column with gaps, via pandas) is the answer "42"

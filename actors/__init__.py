@@ -1,0 +1,1 @@
+"""Process roles, one module each: generator (sampling), reward (scoring), learner (training)."""

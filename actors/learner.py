@@ -1,0 +1,365 @@
+"""The learner role: one data-parallel rank that trains the policy on ranked lists with DeepSpeed.
+
+This is the inner loop of Algorithm 1 (PAPER.md): with pi_ref = the policy at the start of the
+iteration (or the initial policy, `loss.reference = initial`), run `learner.epochs` epochs over the
+iteration's lists, minimising the ranking loss L(x, list; pi_theta, pi_ref); the weights carry over
+to the next iteration (no re-init). A plain class: `larpo_ray.learner_group` runs one in-process or
+one per Ray Train worker. Every rank receives the same global lists and derives its share itself.
+
+Data-parallel and accumulation arithmetic (larpo_ray/losses.py, "Data-parallel reduction"):
+- lists without a strict pair (all tied) are dropped first: they carry no gradient, and dropping
+  them makes every step's active-prompt count N = its number of lists, known before any backward;
+- a step's lists are sharded over ranks, each rank's share cut into token-bounded micro-batches;
+  micro-batch m with n_m lists backpropagates loss_m * n_m / N * world_size. DeepSpeed averages
+  gradients over ranks (ZeRO 0-3), so the update follows the global mean over the step's prompts;
+- DeepSpeed runs with gradient_accumulation_steps = 1 (backward divides by 1) and the accumulation
+  boundary is set by hand, so only the last micro-batch of a step reduces gradients;
+- every rank runs the same number of forward/backward passes (ZeRO-2/3 collectives must match):
+  ranks with fewer micro-batches run a 2-token dummy whose loss is multiplied by 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from larpo_ray.batching import ListBatch, collate, micro_batches, sequence_logps, shard, to_BK
+from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
+from larpo_ray.losses import LOSSES
+from larpo_ray.models import load_causal_lm, load_tokenizer
+from larpo_ray.types import RankedList, TrainResult
+
+# Order of the per-step sums that are all-reduced (weights follow losses.py's reduction rule).
+_SUMS = ("loss", "n_active", "n_pairs", "reward_accuracy", "margin", "chosen_reward",
+         "rejected_reward", "tokens")
+_WEIGHT = {"loss": "n_active", "reward_accuracy": "n_pairs", "margin": "n_pairs",
+           "chosen_reward": "n_active", "rejected_reward": "n_active"}
+
+
+def use_bf16(precision: str) -> bool:
+    """`auto` means bf16 only on a CUDA device that supports it (CPU bf16 autograd is slow)."""
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def deepspeed_config(cfg: LearnerConfig, bf16: bool) -> dict:
+    """DeepSpeed config from LearnerConfig. Micro-batch 1 and GAS 1: accumulation is ours."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:  # DeepSpeed then builds DeepSpeedCPUAdam (JIT-compiled once)
+        zero["offload_optimizer"] = {"device": "cpu"}
+    adam = {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
+            "torch_adam": not cfg.offload_optimizer}  # FusedAdam needs CUDA; torch's runs anywhere
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.max_grad_norm,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+    }
+
+
+def lr_at(step: int, total_steps: int, cfg: LearnerConfig) -> float:
+    """Learning rate of step `step` (0-based) of an iteration: linear warm-up, then the schedule
+    (constant, or linear / cosine decay towards 0 at the iteration's end). The paper gives no
+    schedule (PAPER.md, hyper-parameters): this is [ours]."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def has_strict_pair(ranked: RankedList) -> bool:
+    """True if the list orders at least two candidates (losses.active_prompts for one list)."""
+    return len(ranked.labels) >= 2 and max(ranked.labels) > min(ranked.labels)
+
+
+def init_distributed(world_size: int, backend: str) -> None:
+    """Join torch.distributed through DeepSpeed. Ray Train has already built the process group
+    for world_size > 1; a single in-process worker gets single-process defaults on a free port."""
+    if not dist.is_initialized():
+        if world_size != 1:
+            raise RuntimeError(f"world_size = {world_size} needs an initialized process group: "
+                               "run the workers through RayLearnerGroup (Ray Train)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: the reference pass must see the same function the loss trains (as TRL)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class LearnerWorker:
+    """One data-parallel learner rank: a DeepSpeed engine around the policy, plus the reference."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, loss_cfg: LossConfig,
+                 learner_cfg: LearnerConfig, seed: int, rank: int = 0, world_size: int = 1):
+        self.cfg, self.loss_cfg, self.seed = learner_cfg, loss_cfg, seed
+        self.rank, self.world_size = rank, world_size
+        init_distributed(world_size, "nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"process group is rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, but the worker was told {rank} of "
+                               f"{world_size}")
+        torch.manual_seed(seed)
+        model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code)
+        disable_dropout(model)
+        model.config.use_cache = False
+        self.tokenizer = load_tokenizer(model_path, model_cfg.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        bf16 = use_bf16(learner_cfg.precision)
+        # Classic iterative DPO keeps pi_0 as reference [ours: knob]; the paper uses pi_s.
+        self.initial = None
+        if loss_cfg.reference == "initial":
+            self.initial = copy.deepcopy(model).requires_grad_(False).eval()
+            self.initial.to(torch.bfloat16 if bf16 else model.dtype)
+        if learner_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(learner_cfg, bf16))
+        if self.initial is not None:
+            self.initial.to(self.engine.device)
+        options = {"ndcg_weights": loss_cfg.ndcg_weights} if loss_cfg.name == "lambdarank" else {}
+        self.loss_fn = lambda *args: LOSSES[loss_cfg.name](*args, loss_cfg.beta, **options)
+        self.global_step = 0  # optimizer steps over all iterations (step_metrics' `step`)
+        self.last_reference_logps: list[list[float]] = []  # per input list of the last iteration
+
+    # ---- collectives ---------------------------------------------------------------------------
+
+    def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        if self.world_size == 1:
+            return t
+        t = t.to(self.engine.device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    def _check_same_lists(self, lists: Sequence[RankedList]) -> None:
+        """Ranks given different lists would deadlock in ZeRO's collectives: fail loudly instead."""
+        if self.world_size == 1:
+            return
+        tokens = sum(len(sc.candidate.token_ids) for lst in lists for sc in lst.candidates)
+        mine = torch.tensor([len(lists), tokens, sum(sum(lst.labels) for lst in lists)],
+                            dtype=torch.float64)
+        if not torch.equal(self._all_reduce(mine.clone(), dist.ReduceOp.MAX), mine):
+            raise RuntimeError("learner ranks received different lists; every rank must get the "
+                               "same global list of RankedLists")
+
+    # ---- forward passes ------------------------------------------------------------------------
+
+    def _logps(self, model, batch: ListBatch) -> Tensor:
+        """Sequence log-probs [N] of a batch under `model` (the engine or the frozen copy)."""
+        batch = batch.to(self.engine.device)
+        logits = model(input_ids=batch.input_ids_NT, attention_mask=batch.attention_mask_NT,
+                       use_cache=False).logits
+        return sequence_logps(logits, batch.input_ids_NT, batch.response_mask_NT,
+                              self.loss_cfg.length_normalize)
+
+    def _dummy_forward(self, model) -> Tensor:
+        """A 2-token forward whose output sum times 0 is a loss with zero gradient everywhere:
+        keeps this rank's collectives in step with ranks that have more micro-batches."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.engine.device)
+        return model(input_ids=ids, use_cache=False).logits.sum() * 0.0
+
+    def _plan(self, lists: Sequence[RankedList], indices: Sequence[int]) -> tuple[list, int]:
+        """This rank's micro-batches (lists of indices into `lists`) for the global `indices`,
+        and the most micro-batches any rank has (every rank derives it: no communication)."""
+        def groups(rank: int) -> list[list[int]]:
+            mine = [indices[i] for i in shard(len(indices), rank, self.world_size)]
+            return [[mine[i] for i in g]
+                    for g in micro_batches([lists[i] for i in mine], self.cfg.micro_batch_tokens)]
+        return groups(self.rank), max(len(groups(r)) for r in range(self.world_size))
+
+    @torch.no_grad()
+    def _no_grad_logps(self, model, lists: Sequence[RankedList]) -> list[Tensor]:
+        """log pi(y|x) of every candidate of every list, float32, the same on all ranks. Each rank
+        computes its shard; an all-reduce of the zero-filled flat vector assembles them."""
+        self.engine.module.eval()
+        sizes = [len(lst.candidates) for lst in lists]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+        groups, n_micro = self._plan(lists, range(len(lists)))
+        for group in groups:
+            logp_N = self._logps(model, collate([lists[i] for i in group], self.pad_id)).cpu()
+            flat[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])] = logp_N
+        for _ in range(n_micro - len(groups)):
+            self._dummy_forward(model)
+        self.engine.module.train()
+        flat = self._all_reduce(flat)
+        return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lists))]
+
+    def policy_logps(self, lists: Sequence[RankedList]) -> list[list[float]]:
+        """Sequence log-probs of every candidate under the current policy (collective)."""
+        return [t.tolist() for t in self._no_grad_logps(self.engine, lists)]
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def train_iteration(self, iteration: int, lists: Sequence[RankedList]) -> TrainResult:
+        """Algorithm 1's inner loop on this iteration's lists; returns global metrics."""
+        self._check_same_lists(lists)
+        active = [lst for lst in lists if has_strict_pair(lst)]
+        start = time.perf_counter()
+        # Reference log-probs once per iteration, for every candidate, pooled ones included:
+        # pi_ref = pi_s, the policy as it stands now (Algorithm 1), or the frozen pi_0.
+        ref = self._no_grad_logps(self.engine if self.initial is None else self.initial, active)
+        ref_by_list = iter(ref)
+        self.last_reference_logps = [next(ref_by_list).tolist() if has_strict_pair(lst)
+                                     else [math.nan] * len(lst.candidates) for lst in lists]
+        ref_seconds, start = time.perf_counter() - start, time.perf_counter()
+        steps = self._steps(iteration, len(active))
+        step_metrics, sums = [], torch.zeros(len(_SUMS), dtype=torch.float64)
+        for i, step_lists in enumerate(steps):
+            lr = lr_at(i, len(steps), self.cfg)
+            step_sums, grad_norm = self._train_step(active, ref, step_lists, lr)
+            sums += step_sums
+            step_metrics.append({"step": float(self.global_step), "lr": lr,
+                                 "grad_norm": grad_norm, **_means(step_sums)})
+            self.global_step += 1
+        train_seconds = time.perf_counter() - start
+        metrics = {**_means(sums), "n_active": float(len(active)),
+                   "n_no_pair": float(len(lists) - len(active)),
+                   "grad_norm": _mean(m["grad_norm"] for m in step_metrics),
+                   "lr": _mean(m["lr"] for m in step_metrics), "steps": float(len(steps)),
+                   "tokens_per_s": float(sums[_SUMS.index("tokens")]) / max(train_seconds, 1e-9),
+                   "ref_seconds": ref_seconds, "train_seconds": train_seconds}
+        return TrainResult(iteration + 1, metrics, step_metrics)
+
+    def _steps(self, iteration: int, n_lists: int) -> list[list[int]]:
+        """Optimizer steps of `prompts_per_step` list indices; each epoch reshuffles with a
+        generator seeded by (seed, iteration, epoch), so every rank draws the same order."""
+        steps = []
+        for epoch in range(self.cfg.epochs):
+            order = np.random.default_rng([self.seed, iteration, epoch]).permutation(n_lists)
+            size = self.cfg.prompts_per_step
+            steps += [order[s:s + size].tolist() for s in range(0, n_lists, size)]
+        return steps
+
+    def _train_step(self, lists, ref: list[Tensor], step_lists: list[int],
+                    lr: float) -> tuple[Tensor, float]:
+        """One optimizer step over the global `step_lists`; returns (global sums, grad norm)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        groups, n_micro = self._plan(lists, step_lists)
+        n_global = len(step_lists)  # all active: the loss is a mean over these prompts
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        for m in range(n_micro):
+            self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
+            if m < len(groups):
+                loss, metrics = self._micro_loss([lists[i] for i in groups[m]],
+                                                 [ref[i] for i in groups[m]])
+                n_m = metrics["n_active"]
+                sums += torch.tensor([loss.item() * n_m] + [
+                    metrics[k] * metrics[_WEIGHT[k]] if k in _WEIGHT else metrics[k]
+                    for k in _SUMS[1:]], dtype=torch.float64)
+                loss = loss * (n_m / n_global * self.world_size)
+            else:
+                loss = self._dummy_forward(self.engine)
+            self.engine.backward(loss)
+        local_norm = self._grad_norm() if self.cfg.zero_stage == 0 else None
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = local_norm if grad_norm is None else float(grad_norm)
+        return self._all_reduce(sums), grad_norm
+
+    def _micro_loss(self, lists: list[RankedList], ref: list[Tensor]) -> tuple[Tensor, dict]:
+        """Ranking loss of one micro-batch of whole lists (mean over its active prompts)."""
+        batch = collate(lists, self.pad_id)
+        policy_BK = to_BK(self._logps(self.engine, batch), batch.seq_index_BK.to(self.engine.device))
+        ref_N = torch.cat(ref).to(policy_BK.device)
+        ref_BK = to_BK(ref_N, batch.seq_index_BK.to(policy_BK.device))
+        loss, metrics = self.loss_fn(policy_BK, ref_BK, batch.labels_BK.to(policy_BK.device),
+                                     batch.mask_BK.to(policy_BK.device))
+        return loss, {**metrics, "tokens": float(batch.num_tokens)}
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm before clipping (ZeRO 0 fp32: DeepSpeed does not record it).
+        Gradients are already averaged over ranks at the accumulation boundary."""
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
+                 if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The policy's weights as numpy, keyed exactly like HF `state_dict()` (collective).
+
+        Arrays keep the module's dtype, except bfloat16 (numpy has none), sent as float32. Tied
+        weights (lm_head = embed_tokens) appear under both keys as the same array, so HF
+        `load_state_dict` works, and pickling / the object store stores the array once. ZeRO-3
+        gathers one parameter at a time, so peak memory grows by one parameter, not the model.
+        """
+        out: dict[str, np.ndarray] = {}
+        by_id: dict[int, np.ndarray] = {}
+        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in by_id:
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    data = tensor.detach()
+                    data = data.float() if data.dtype == torch.bfloat16 else data
+                    by_id[id(tensor)] = data.cpu().numpy().copy()  # detach from live params
+            out[name] = by_id[id(tensor)]
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """An HF folder (safetensors + tokenizer) at `path`, written by rank 0 (collective).
+
+        Written to a temporary sibling folder and renamed into place, so readers never see half
+        a checkpoint; an existing folder at `path` is replaced.
+        """
+        weights = self.get_weights()
+        if self.rank == 0:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {id(a): torch.from_numpy(a) for a in weights.values()}
+            state = {name: tensors[id(a)] for name, a in weights.items()}
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            try:
+                self.engine.module.save_pretrained(tmp, state_dict=state)
+                self.tokenizer.save_pretrained(tmp)
+                if path.exists():
+                    shutil.rmtree(path)
+                os.rename(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _means(sums: Tensor) -> dict[str, float]:
+    """Global sums (ordered as _SUMS) to means, weighted as losses.py prescribes."""
+    values = dict(zip(_SUMS, sums.tolist()))
+    out = {k: v / max(values[_WEIGHT[k]], 1.0) if k in _WEIGHT else v for k, v in values.items()}
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,104 @@
+"""larpo-ray main job: align a causal LM with LARPO (Jin et al., ICML 2025) on Ray.
+
+Algorithm as implemented (Algorithm 1 of the paper; `larpo_ray/driver.py`):
+
+    for s in 0..T-1:                                   loop.iterations
+        prompts  <- M prompts from the train split        loop.prompts_per_iteration (seeded stream)
+        y_1..y_k ~ pi_s(.|x) at temperature t_s           generation.k, generation.temperature[s]
+                                                          (or generation.mixed_temperatures)
+        r(x, y_j) for every candidate                     reward.kind: rule | model | http
+        lists    <- memory pool of x (current / +previous / all iterations), re-ranked,
+                    cut by lists.rule (top-a + bottom-b, best/worst, correct/incorrect, all)
+        pi_ref   <- pi_s (loss.reference = iteration_start; `initial` = classic iterative DPO)
+        for epoch in 1..E: minimise loss.name (pairwise | contrastive | lambdarank | listmle | ipo)
+                                                          over the lists, reference log-probs
+                                                          computed once per iteration
+        pi_{s+1} <- pi_theta; sync weights to the generators; evaluate on the held-out split
+
+Where it departs from the paper or fills what the paper leaves open (all config knobs):
+    beta = 0.1 (not given); optimizer AdamW with a per-iteration schedule (not given); ties in
+    reward carry no order (a tied pair is never trained as better/worse; all-tied prompts are
+    skipped and counted); optional SimPO length normalization and LiPO |DeltaNDCG| weights;
+    IPO as an extra loss; evaluation uses the run's own scorer (win-rate vs the initial policy)
+    instead of a GPT-4 judge; export generations for a judge with the report tool.
+
+Launch:
+    python -m larpo_ray.run                          # embedded default: SmolLM2-135M-Instruct, CPU
+    python -m larpo_ray.run --preset tiny            # tiny model, ~3 min (tests, quick checks)
+    python -m larpo_ray.run --config configs/paper-mistral7b-base-contrastive.yaml
+    python -m larpo_ray.run --loss.name listmle --generation.k 6    # dotted overrides
+    python -m larpo_ray.run --help                   # every knob with its doc and default
+On a cluster (Ray 2.60 enables token auth by default; see README):
+    ray job submit --working-dir . -- python -m larpo_ray.run --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from larpo_ray.config import Config, ConfigError, help_text, load_config
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m larpo_ray.run", add_help=False,
+                                     description="Align a causal LM with LARPO on Ray.")
+    parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("--preset", help="a recipe name in configs/, e.g. tiny")
+    parser.add_argument("--help", "-h", action="store_true", help="list every config knob")
+    return parser.parse_known_args(argv)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.loop.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"loop.run_dir {str(run_dir)!r} already holds a run: choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        print(__doc__)
+        print("Options: --config PATH | --preset NAME, then any of:" + help_text())
+        return 0
+    try:
+        cfg = load_config(args.config, args.preset, rest)
+    except ConfigError as err:
+        print(f"larpo-ray: config error: {err}", file=sys.stderr)
+        return 2
+    return align(cfg)
+
+
+def align(cfg: Config) -> int:
+    """Set up the run (folder, model, data, roles) and run the loop."""
+    from larpo_ray.data import load_prompts
+    from larpo_ray.driver import run_loop, save_final
+    from larpo_ray.models import load_tokenizer, resolve_model
+    from larpo_ray.topology import build_runtime
+    from larpo_ray.tracking import Tracker
+
+    run_dir = make_run_dir(cfg)
+    cfg.save(run_dir / "config.yaml")
+    print(f"larpo-ray: run folder {run_dir}")
+    policy_path = str(resolve_model(cfg.model.name_or_path, cfg.model.trust_remote_code))
+    splits = load_prompts(cfg.data, load_tokenizer(policy_path, cfg.model.trust_remote_code))
+    print(f"larpo-ray: {len(splits.train)} train / {len(splits.eval)} held-out prompts")
+    tracker = Tracker(cfg, run_dir)
+    runtime = build_runtime(cfg, policy_path)
+    try:
+        run_loop(cfg, runtime, splits.train, splits.eval, tracker, cfg.logging.progress)
+        if cfg.loop.save_model:
+            print(f"larpo-ray: aligned policy saved to {save_final(runtime, run_dir)}")
+    finally:
+        runtime.shutdown()
+        tracker.finish()
+    print(tracker.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

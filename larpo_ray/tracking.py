@@ -1,0 +1,105 @@
+"""Where a run's numbers go: `RUN_DIR/metrics.jsonl`, W&B (offline by default) and the console.
+
+One JSON object per line: the initial evaluation as iteration 0, then one per LARPO iteration with
+`train/*`, `eval/*`, `timing/*` (seconds per phase) and throughput. W&B gets the same numbers, with
+per-iteration metrics plotted against `iteration` and per-step learner metrics against
+`learner_step`, plus a table of sample generations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from larpo_ray.config import Config
+
+TABLE_COLUMNS = (
+    ("iter", "iteration", "{:>4d}"),
+    ("reward", "eval/mean_reward", "{:>7.3f}"),
+    ("acc", "eval/accuracy", "{:>6.3f}"),
+    ("win", "eval/win_rate_vs_initial", "{:>6.3f}"),
+    ("loss", "train/loss", "{:>7.4f}"),
+    ("r_acc", "train/reward_accuracy", "{:>6.3f}"),
+    ("lists", "lists/n_lists", "{:>6.0f}"),
+    ("gen_s", "timing/generate", "{:>6.1f}"),
+    ("train_s", "timing/train", "{:>7.1f}"),
+    ("sync_GB/s", "sync/gb_per_s", "{:>9.2f}"),
+    ("total_s", "timing/iteration", "{:>7.1f}"),
+)
+
+
+class Tracker:
+    """Appends metrics to metrics.jsonl and mirrors them to W&B."""
+
+    def __init__(self, cfg: Config, run_dir: Path, wandb_id: str | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        self.wandb = _start_wandb(cfg, run_dir, wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def log(self, record: dict[str, Any], step_metrics: list[dict[str, float]] = (), samples: list[dict] = ()) -> None:
+        record = {k: _jsonable(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+        if self.wandb is None:
+            return
+        for step in step_metrics:
+            self.wandb.log({"learner_step": step["step"], **{f"train_step/{k}": v for k, v in step.items() if k != "step"}})
+        payload = dict(record)
+        if samples:
+            import wandb
+
+            table = wandb.Table(columns=list(samples[0]))
+            for row in samples:
+                table.add_data(*row.values())
+            payload["samples"] = table
+        self.wandb.log(payload)
+
+    def table(self) -> str:
+        """The per-iteration table printed at the end of a run."""
+        head = " ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for name, _, fmt in TABLE_COLUMNS)
+        rows = [head]
+        for rec in self.records:
+            cells = []
+            for name, key, fmt in TABLE_COLUMNS:
+                width = len(fmt.format(0) if "d" in fmt else fmt.format(0.0))
+                value = rec.get(key)
+                cells.append(fmt.format(value) if isinstance(value, (int, float)) and not _nan(value) else f"{'-':>{width}}")
+            rows.append(" ".join(cells))
+        return "\n".join(rows)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None):
+    if cfg.logging.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+                     name=cfg.logging.run_name or run_dir.name, mode=cfg.logging.wandb_mode,
+                     dir=str(run_dir), config=cfg.to_dict(), id=wandb_id, resume="allow" if wandb_id else None)
+    run.define_metric("iteration")
+    run.define_metric("learner_step")
+    for prefix in ("train", "eval", "timing", "lists", "sync", "rollout", "system"):
+        run.define_metric(f"{prefix}/*", step_metric="iteration")
+    run.define_metric("train_step/*", step_metric="learner_step")
+    return run
+
+
+def _nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; None reads as "not measured"
+    return value

