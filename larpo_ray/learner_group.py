@@ -143,10 +143,16 @@ class RayLearnerGroup(LearnerGroup):
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(storage_path=self._storage.name, name="learner"))
         self._error: BaseException | None = None
+        self._failed = False  # a rank failed: the group cannot serve further requests
         self._thread = threading.Thread(target=self._fit, name="learner-group", daemon=True)
         self._thread.start()
         self._ray = ray
-        self._collect("ready", START_TIMEOUT_S)
+        try:
+            self._collect("ready", START_TIMEOUT_S)
+        except BaseException:
+            self._failed = True  # do not wait for a "stop" reply: release what was started
+            self.shutdown()
+            raise
         self.start_seconds = time.perf_counter() - start
 
     def _fit(self) -> None:
@@ -172,6 +178,7 @@ class RayLearnerGroup(LearnerGroup):
                 rank, got, ok, payload = self._replies.get(timeout=POLL_S)
             except Empty:
                 if not self._thread.is_alive():
+                    self._failed = True
                     raise RuntimeError(f"the learner group stopped while waiting for {kind!r}: "
                                        f"{self._error!r}; see the Ray Train worker logs") from self._error
                 if time.monotonic() > deadline:
@@ -180,6 +187,7 @@ class RayLearnerGroup(LearnerGroup):
                                        f"{timeout:.0f} s; check the Ray Train worker logs") from None
                 continue
             if not ok:
+                self._failed = True
                 raise RuntimeError(f"learner rank {rank} failed during {kind!r}:\n{payload}")
             if got != kind:  # a reply left over from a request that failed on another rank
                 raise RuntimeError(f"learner rank {rank} answered {got!r} to {kind!r}: the group "
@@ -203,11 +211,11 @@ class RayLearnerGroup(LearnerGroup):
         return self._call("info")
 
     def shutdown(self) -> None:
-        if self._thread.is_alive():
-            try:
-                self._call("stop", timeout=120.0)
-            finally:
-                self._thread.join(timeout=120.0)
+        """Stop the workers' loops (fit() then returns); after a failure, wait for Ray Train to
+        end the group."""
+        if self._thread.is_alive() and not self._failed:
+            self._call("stop", timeout=120.0)
+        self._thread.join(timeout=120.0)
         for queue in self._requests + [self._replies]:
             queue.shutdown()
         self._storage.cleanup()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
-TINY_WARMUP_STEPS = 150  # starting greedy accuracy ~0.2 on held-out level-1 problems (tests)
+TINY_WARMUP_STEPS = 400  # greedy accuracy ~0.2 on held-out level-1 problems: room to improve
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TINY_RECIPE = 1  # bump when the tiny recipe changes so cached tiny models are rebuilt
@@ -64,12 +64,12 @@ def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
         return str(build_tiny_model(warmup_steps=TINY_WARMUP_STEPS))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        _check_causal_lm(_read_config(path), f"folder {path}")
+        _check_causal_lm(_read_config(path), f"folder {path}", trust_remote_code)
         return str(path)
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists():
         raise ModelError(f"model path {name_or_path!r} does not exist or is not a folder; give a "
                          f"model folder, a hub id, or one of {SMOLLM2!r}, {TINY!r}")
-    _check_causal_lm(_hub_config(name_or_path, trust_remote_code), f"hub model {name_or_path!r}")
+    _check_causal_lm(_hub_config(name_or_path), f"hub model {name_or_path!r}", trust_remote_code)
     return name_or_path
 
 
@@ -82,11 +82,12 @@ def _read_config(folder: Path) -> dict:
     return json.loads(config.read_text())
 
 
-def _hub_config(hub_id: str, trust_remote_code: bool) -> dict:
+def _hub_config(hub_id: str) -> dict:
+    """config.json of a hub model as a dict (reading it runs no remote code)."""
     from transformers import PretrainedConfig
 
     try:
-        return PretrainedConfig.get_config_dict(hub_id, trust_remote_code=trust_remote_code)[0]
+        return PretrainedConfig.get_config_dict(hub_id)[0]
     except OSError as e:  # offline and not cached, unknown repo, or a malformed id
         raise ModelError(
             f"{hub_id!r} is not a local folder and could not be read as a Hugging Face hub model "
@@ -95,18 +96,21 @@ def _hub_config(hub_id: str, trust_remote_code: bool) -> dict:
             f"folder") from e
 
 
-def _check_causal_lm(config: dict, where: str) -> None:
+def _check_causal_lm(config: dict, where: str, trust_remote_code: bool) -> None:
     """Raise unless `config` describes a model AutoModelForCausalLM builds as a decoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as lms
 
     archs, model_type = config.get("architectures") or [], config.get("model_type")
-    causal_classes = set(lms.values())
     if archs:
-        ok = any(a in causal_classes or a.endswith("ForCausalLM") for a in archs)
+        known = set(lms.values())
+        native = any(a in known or a.endswith("ForCausalLM") for a in archs)
     else:  # encoders such as BERT have an LM-head class in the mapping but need is_decoder=True
-        ok = model_type in lms and config.get("is_decoder", True)
-        ok = ok or "AutoModelForCausalLM" in (config.get("auto_map") or {})
-    if not ok:
+        native = model_type in lms and config.get("is_decoder", True)
+    custom = "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if custom and not native and not trust_remote_code:
+        raise ModelError(f"{where} is a causal LM defined by its own code (auto_map); set "
+                         f"trust_remote_code=True if you trust that code")
+    if not (native or custom):
         raise ModelError(f"{where} is not a causal language model: config has architectures="
                          f"{archs or None}, model_type={model_type!r}; the policy needs a "
                          f"*ForCausalLM model")
@@ -129,6 +133,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users and workers read it
             os.rename(tmp, target)  # atomic; replaces `target` only if it is an empty folder
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,28 +226,30 @@ def build_tiny_model(out_dir: Path | None = None, *, hidden_size: int = 128, num
                      vocab_size: int = 2048, warmup_steps: int = 0, seed: int = 0) -> Path:
     """A tiny Llama + locally trained tokenizer, built once into `out_dir` (default: the cache).
 
-    head_dim is 64 so vLLM's CPU attention can load it. `warmup_steps` > 0 adds that many steps
-    of supervised warm-up on the built-in task (levels 1-2) so greedy accuracy starts above zero.
+    head_dim is 64 so vLLM's CPU attention can load it. `vocab_size` caps the BPE vocabulary
+    (the task corpus yields ~1,000 tokens). `warmup_steps` > 0 adds that many supervised steps
+    on the built-in task (`tiny_warmup_problems`) so greedy accuracy starts above zero.
     """
-    params = dict(hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
-                  warmup_steps=warmup_steps, seed=seed, recipe=_TINY_RECIPE)
+    spec = dict(hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
+                warmup_steps=warmup_steps, seed=seed)
     if out_dir is None:
-        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-        out_dir = cache_dir() / "models" / f"tiny-{digest}"
-    return _build_once(Path(out_dir), lambda tmp: _build_tiny(tmp, **params))
+        key = json.dumps({**spec, "recipe": _TINY_RECIPE}, sort_keys=True)
+        out_dir = cache_dir() / "models" / f"tiny-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    return _build_once(Path(out_dir), lambda tmp: _build_tiny(tmp, **spec))
 
 
 def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int,
-                warmup_steps: int, seed: int, recipe: int) -> None:
+                warmup_steps: int, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from larpo_ray import tasks
 
     torch.manual_seed(seed)
-    train, _ = tasks.make_splits([1, 2, 3, 4], n_train=2000, n_eval=0, seed=seed)
-    corpus = [tasks.format_question(p) for p in train] + [_reply(p) for p in train] + _ENGLISH
-    tokenizer = _train_tokenizer(corpus, vocab_size)
+    # Questions of every level plus English so that any task prompt tokenizes into learned merges.
+    problems, _ = tasks.make_splits([1, 2, 3, 4], n_train=2000, n_eval=0, seed=seed)
+    corpus = [tasks.format_question(p) for p in problems] + [_reply(p) for p in problems]
+    tokenizer = _train_tokenizer(corpus + _ENGLISH, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
@@ -251,9 +258,7 @@ def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     if warmup_steps:
-        warm_up(model, tokenizer, warmup_steps, seed)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+        _warm_up(model, tokenizer, tiny_warmup_problems(seed)[0], warmup_steps, seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -275,40 +280,52 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
         pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=_CHATML)
 
 
+def tiny_warmup_problems(seed: int = 0) -> tuple[list, list]:
+    """(warm-up training problems, held-out level-1 problems) for the tiny model.
+
+    Level 1 dominates 3:1 because a ~0.7 M-parameter model learns little of level 2 in a few
+    hundred steps; the held-out level-1 problems measure its starting accuracy.
+    """
+    from larpo_ray import tasks
+
+    train, held_out = tasks.make_splits([1, 2], n_train=1200, n_eval=64, seed=seed)
+    level1 = [p for p in train if p.level == 1]
+    level2 = [p for p in train if p.level == 2][: len(level1) // 3]
+    return level1 + level2, [p for p in held_out if p.level == 1]
+
+
 def _reply(problem) -> str:
     """The warm-up target: "12 + 7 = 19. The answer is 19." (just the sentence for word problems)."""
-    expression = problem.question.removeprefix("What is ").removesuffix("?")
     if problem.level > 2:
         return f"The answer is {problem.answer}."
+    # Restating "a + b" puts the operands right before "=", which a 2-layer model needs.
+    expression = problem.question.removeprefix("What is ").removesuffix("?")
     return f"{expression} = {problem.answer}. The answer is {problem.answer}."
 
 
-def warm_up(model, tokenizer, steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3):
-    """Supervised steps on level 1-2 training problems; loss only on the reply tokens."""
+def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int = 16,
+             lr: float = 3e-3) -> None:
+    """Supervised steps on (prompt, reply) pairs, loss on the reply tokens only."""
     import torch
 
-    from larpo_ray import tasks
-
-    train, _ = tasks.make_splits([1, 2], n_train=1200, n_eval=TINY_EVAL, seed=seed)
-    examples = [_sft_example(tokenizer, p) for p in train]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    examples = [_sft_example(tokenizer, p) for p in problems]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    # 20 steps of linear warm-up, then linear decay to 5%: higher or constant rates diverged.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     rng = random.Random(seed)
     model.train()
-    for step in range(steps):
-        batch = rng.sample(examples, batch_size)
-        input_ids, labels = _pad_right(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
+    for _ in range(steps):
+        input_ids, labels = _pad_right(rng.sample(examples, batch_size), tokenizer.pad_token_id)
+        model(input_ids=input_ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        schedule.step()
     model.eval()
 
 
-TINY_EVAL = 64  # eval problems held out of the warm-up split (levels 1-2, half each)
-
-
 def _sft_example(tokenizer, problem) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked out (-100) and eos appended to the reply."""
+    """(input_ids, labels) with the prompt masked out (-100) and eos closing the reply."""
     from larpo_ray import tasks
 
     prompt = tokenizer.apply_chat_template(
@@ -319,7 +336,7 @@ def _sft_example(tokenizer, problem) -> tuple[list[int], list[int]]:
     return prompt + reply, [-100] * len(prompt) + reply
 
 
-def _pad_right(batch, pad_id: int):
+def _pad_right(batch: list[tuple[list[int], list[int]]], pad_id: int):
     import torch
 
     width = max(len(ids) for ids, _ in batch)

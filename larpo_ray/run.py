@@ -27,6 +27,7 @@ Launch:
     python -m larpo_ray.run --preset tiny            # tiny model, ~3 min (tests, quick checks)
     python -m larpo_ray.run --config configs/paper-mistral7b-base-contrastive.yaml
     python -m larpo_ray.run --loss.name listmle --generation.k 6    # dotted overrides
+    python -m larpo_ray.run --eval-only --model.name_or_path runs/X/policy   # held-out metrics only
     python -m larpo_ray.run --help                   # every knob with its doc and default
 On a cluster (Ray 2.60 enables token auth by default; see README):
     ray job submit --working-dir . -- python -m larpo_ray.run --preset tiny
@@ -47,6 +48,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                      description="Align a causal LM with LARPO on Ray.")
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--preset", help="a recipe name in configs/, e.g. tiny")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate the policy on the held-out split")
     parser.add_argument("--help", "-h", action="store_true", help="list every config knob")
     return parser.parse_known_args(argv)
 
@@ -70,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"larpo-ray: config error: {err}", file=sys.stderr)
         return 2
-    return align(cfg)
+    return align(cfg, eval_only=args.eval_only)
 
 
-def align(cfg: Config) -> int:
+def align(cfg: Config, eval_only: bool = False) -> int:
     """Set up the run (folder, model, data, roles) and run the loop."""
     from larpo_ray.data import load_prompts
-    from larpo_ray.driver import run_loop, save_final
+    from larpo_ray.driver import evaluate_only, run_loop, save_final
     from larpo_ray.models import load_tokenizer, resolve_model
     from larpo_ray.topology import build_runtime
     from larpo_ray.tracking import Tracker
@@ -88,15 +90,18 @@ def align(cfg: Config) -> int:
     splits = load_prompts(cfg.data, load_tokenizer(policy_path, cfg.model.trust_remote_code))
     print(f"larpo-ray: {len(splits.train)} train / {len(splits.eval)} held-out prompts")
     tracker = Tracker(cfg, run_dir)
-    runtime = build_runtime(cfg, policy_path)
+    runtime = build_runtime(cfg, policy_path, with_learner=not eval_only)
     try:
+        if eval_only:
+            evaluate_only(cfg, runtime, splits.eval, tracker, cfg.logging.progress)
+            return 0
         run_loop(cfg, runtime, splits.train, splits.eval, tracker, cfg.logging.progress)
         if cfg.loop.save_model:
             print(f"larpo-ray: aligned policy saved to {save_final(runtime, run_dir)}")
     finally:
         runtime.shutdown()
         tracker.finish()
-    print(tracker.table())
+        print(tracker.table())
     return 0
 
 

@@ -82,14 +82,15 @@ class Runtime(ABC):
         self.learner.save(path)
 
     def shutdown(self) -> None:
-        self.learner.shutdown()
+        if self.learner is not None:
+            self.learner.shutdown()
 
 
 class LocalRuntime(Runtime):
     """Every role in this process, one after the other (no overlap)."""
 
-    def __init__(self, cfg: Config, policy_path: str) -> None:
-        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg))
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True) -> None:
+        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg) if with_learner else None)
         self.generator = Generator(policy_path, cfg.generation, cfg.model)
         self.reward = RewardActor(cfg.reward, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -116,7 +117,7 @@ class RayRuntime(Runtime):
     a reward actor, so scoring overlaps the generation of the next batches.
     """
 
-    def __init__(self, cfg: Config, policy_path: str) -> None:
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True) -> None:
         import ray
 
         res = cfg.resources
@@ -127,7 +128,7 @@ class RayRuntime(Runtime):
         self.generators = [gen_cls.remote(policy_path, cfg.generation, cfg.model) for _ in range(cfg.generation.num_generators)]
         self.rewards = [reward_cls.remote(cfg.reward, cfg.model.trust_remote_code) for _ in range(cfg.reward.num_actors)]
         ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=CALL_TIMEOUT_S)
-        super().__init__(cfg, RayLearnerGroup(policy_path, cfg))
+        super().__init__(cfg, RayLearnerGroup(policy_path, cfg) if with_learner else None)
 
     def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None) -> Rollout:
         import ray
@@ -189,8 +190,9 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
 
 
-def build_runtime(cfg: Config, policy_path: str) -> Runtime:
+def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True) -> Runtime:
+    """The run's roles; `with_learner=False` for evaluation-only runs (generators + scorers)."""
     if not cfg.resources.use_ray:
-        return LocalRuntime(cfg, policy_path)
+        return LocalRuntime(cfg, policy_path, with_learner)
     init_ray(cfg)
-    return RayRuntime(cfg, policy_path)
+    return RayRuntime(cfg, policy_path, with_learner)
