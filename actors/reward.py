@@ -263,6 +263,7 @@ class ScoreReport:
     scored: list[ScoredCandidate]  # finite scores only, in input order
     n_failed: int  # candidates dropped (never trained on)
     failures: dict[str, int]  # reason -> count: "nan", "inf", "non_numeric", "wrong_count", "error: <Type>"
+    seconds: float = 0.0  # time the scorer spent on this call (not queueing)
 
 
 class RewardActor:
@@ -281,7 +282,7 @@ class RewardActor:
         if unknown:
             raise ValueError(f"{len(unknown)} candidates' prompt uids are not among the {len(prompts)} prompts "
                              f"given (e.g. {unknown[0]!r}): pass the prompts the candidates were sampled for")
-        scored, failures, first_error = [], Counter(), None
+        scored, failures, first_error, start_s = [], Counter(), None, time.perf_counter()
         for start in range(0, len(candidates), self.cfg.batch_size):
             batch = candidates[start:start + self.cfg.batch_size]
             try:
@@ -299,7 +300,9 @@ class RewardActor:
                     failures[reason] += 1
                 else:
                     scored.append(ScoredCandidate(candidate=cand, reward=value, iteration=iteration))
-        return self._report(scored, dict(failures), first_error, len(candidates), iteration)
+        report = self._report(scored, dict(failures), first_error, len(candidates), iteration)
+        report.seconds = time.perf_counter() - start_s
+        return report
 
     def _report(self, scored, failures, first_error, total, iteration) -> ScoreReport:
         n_failed = sum(failures.values())

@@ -143,7 +143,7 @@ def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
     out = {"rollout/mean_reward": _mean(rewards), "rollout/n_candidates": float(len(rollout.candidates)),
            "rollout/n_failed_scores": float(rollout.n_failed), "rollout/tokens": float(rollout.generated_tokens),
            "rollout/tokens_per_s": rollout.generated_tokens / max(wall_s, 1e-9),
-           "timing/score_actor_seconds": rollout.score_seconds}
+           "timing/score_actor": rollout.score_seconds}
     out.update({f"rollout/failed_{k}": float(v) for k, v in rollout.failures.items()})
     return out
 

@@ -31,7 +31,8 @@ TINY = "tiny"
 TINY_WARMUP_STEPS = 400  # greedy accuracy ~0.2 on held-out level-1 problems: room to improve
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TINY_RECIPE = 1  # bump when the tiny recipe changes so cached tiny models are rebuilt
+_TINY_RECIPE = 2  # bump when the tiny recipe changes so cached tiny models are rebuilt
+_TINY_MAX_LEN = 1024  # positions; prompts and replies of the built-in task fit easily
 _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -65,7 +66,7 @@ def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_causal_lm(_read_config(path), f"folder {path}", trust_remote_code)
-        return str(path)
+        return str(path.absolute())  # absolute: actors may run in another working directory
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists():
         raise ModelError(f"model path {name_or_path!r} does not exist or is not a folder; give a "
                          f"model folder, a hub id, or one of {SMOLLM2!r}, {TINY!r}")
@@ -174,7 +175,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
 # --------------------------------------------------------------------------------------------
 
 def smollm2_path() -> Path:
-    """The converted SmolLM2-135M-Instruct folder, converting it on first use (~40 s)."""
+    """The converted SmolLM2-135M-Instruct folder, converting it on first use (30-50 s)."""
     return _build_once(cache_dir() / "models" / "SmolLM2-135M-Instruct", _convert_smollm2)
 
 
@@ -230,6 +231,8 @@ def build_tiny_model(out_dir: Path | None = None, *, hidden_size: int = 128, num
     (the task corpus yields ~1,000 tokens). `warmup_steps` > 0 adds that many supervised steps
     on the built-in task (`tiny_warmup_problems`) so greedy accuracy starts above zero.
     """
+    if hidden_size % 64:
+        raise ValueError(f"hidden_size must be a multiple of 64 (head_dim 64); got {hidden_size}")
     spec = dict(hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
                 warmup_steps=warmup_steps, seed=seed)
     if out_dir is None:
@@ -253,7 +256,7 @@ def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64, head_dim=64, max_position_embeddings=1024,
+        num_key_value_heads=hidden_size // 64, head_dim=64, max_position_embeddings=_TINY_MAX_LEN,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
@@ -277,7 +280,8 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-        pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=_CHATML)
+        pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=_CHATML,
+        model_max_length=_TINY_MAX_LEN)
 
 
 def tiny_warmup_problems(seed: int = 0) -> tuple[list, list]:
@@ -295,7 +299,7 @@ def tiny_warmup_problems(seed: int = 0) -> tuple[list, list]:
 
 
 def _reply(problem) -> str:
-    """The warm-up target: "12 + 7 = 19. The answer is 19." (just the sentence for word problems)."""
+    """Warm-up target: "12 + 7 = 19. The answer is 19." (only the sentence for word problems)."""
     if problem.level > 2:
         return f"The answer is {problem.answer}."
     # Restating "a + b" puts the operands right before "=", which a 2-layer model needs.
@@ -314,23 +318,26 @@ def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     rng = random.Random(seed)
+    # One thread: matmuls this small barely gain from two, and two threads ran 5-8x slower
+    # whenever the machine's cores were shared with other jobs (OpenMP spin-waits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model.train()
-    for _ in range(steps):
-        input_ids, labels = _pad_right(rng.sample(examples, batch_size), tokenizer.pad_token_id)
-        model(input_ids=input_ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-    model.eval()
+    try:
+        for _ in range(steps):
+            ids, labels = _pad_right(rng.sample(examples, batch_size), tokenizer.pad_token_id)
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
 
 
 def _sft_example(tokenizer, problem) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with the prompt masked out (-100) and eos closing the reply."""
-    from larpo_ray import tasks
-
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": tasks.format_question(problem)}],
-        add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = tokenizer(_chat_prompt(tokenizer, problem), add_special_tokens=False).input_ids
     reply = tokenizer(_reply(problem), add_special_tokens=False).input_ids
     reply = reply + [tokenizer.eos_token_id]
     return prompt + reply, [-100] * len(prompt) + reply
@@ -345,15 +352,20 @@ def _pad_right(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return torch.tensor(ids), torch.tensor(labels)
 
 
+def _chat_prompt(tokenizer, problem) -> str:
+    from larpo_ray import tasks
+
+    return tokenizer.apply_chat_template([{"role": "user", "content": tasks.format_question(
+        problem)}], add_generation_prompt=True, tokenize=False)
+
+
 def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> float:
     """Mean binary reward of greedy replies (HF generate, left-padded batch)."""
     import torch
 
     from larpo_ray import tasks
 
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": tasks.format_question(p)}],
-        add_generation_prompt=True, tokenize=False) for p in problems]
+    prompts = [_chat_prompt(tokenizer, p) for p in problems]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
@@ -364,13 +376,9 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> flo
     return tasks.accuracy(texts, [p.answer for p in problems])
 
 
-_ENGLISH = [
-    "The quick brown fox jumps over the lazy dog.",
-    "She sells sea shells by the sea shore, and he counts them one by one.",
-    "We went to the market in the morning and came back home before noon.",
-    "A friend of mine wrote a short letter about the weather and the trees.",
-    "How many people are waiting at the station? Nobody knows exactly.",
-    "Jack quietly moved up front and seized the big ball of wax.",
+_ENGLISH = [  # so the tokenizer also covers everyday words and letters
+    "The quick brown fox jumps over the lazy dog. Jack quietly moved up front and seized the wax.",
+    "We went to the market in the morning and came back home before noon with a friend of mine.",
+    "How many people are waiting at the station? Please explain your reasoning step by step.",
     "Numbers like 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 10 appear in every lesson.",
-    "Please explain your reasoning step by step, then give the final result.",
 ]

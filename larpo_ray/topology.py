@@ -32,18 +32,16 @@ class Rollout:
     n_failed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     generated_tokens: int = 0
-    generate_seconds: float = 0.0  # summed over generator calls (not wall time)
-    score_seconds: float = 0.0
+    score_seconds: float = 0.0  # summed over reward-actor calls; overlaps generation on Ray
 
-    def add(self, candidates: list[Candidate], report: ScoreReport, gen_s: float, score_s: float) -> None:
+    def add(self, candidates: list[Candidate], report: ScoreReport) -> None:
         self.candidates += candidates
         self.scored += report.scored
         self.n_failed += report.n_failed
         for reason, n in report.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.generated_tokens += sum(len(c.token_ids) for c in candidates)
-        self.generate_seconds += gen_s
-        self.score_seconds += score_s
+        self.score_seconds += report.seconds
 
 
 def batches(prompts: Sequence[Prompt], size: int) -> list[list[Prompt]]:
@@ -97,11 +95,8 @@ class LocalRuntime(Runtime):
     def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None) -> Rollout:
         out, by_uid = Rollout(), {p.uid: p for p in prompts}
         for batch in batches(prompts, self.cfg.generation.batch_prompts):
-            t0 = time.perf_counter()
             cands = self.generator.generate(batch, temperatures, max_new_tokens)
-            t1 = time.perf_counter()
-            report = self.reward.score(by_uid, cands, iteration)
-            out.add(cands, report, t1 - t0, time.perf_counter() - t1)
+            out.add(cands, self.reward.score(by_uid, cands, iteration))
             if on_batch:
                 on_batch(len(batch))
         return out
@@ -134,25 +129,24 @@ class RayRuntime(Runtime):
         import ray
 
         out = Rollout()
-        pending: dict = {}  # generate ref -> (batch, submit time)
+        pending: dict = {}  # generate ref -> its prompt batch
         for i, batch in enumerate(batches(prompts, self.cfg.generation.batch_prompts)):
-            ref = self.generators[i % len(self.generators)].generate.remote(batch, temperatures, max_new_tokens)
-            pending[ref] = (batch, time.perf_counter())
-        scoring = []  # (score ref, candidates, generate seconds, score submit time)
+            pending[self.generators[i % len(self.generators)].generate.remote(batch, temperatures, max_new_tokens)] = batch
+        scoring = []  # (score ref, candidates)
         n_done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=CALL_TIMEOUT_S)
             if not ready:
                 raise TimeoutError(f"no generator answered within {CALL_TIMEOUT_S:.0f} s; check the generator actors' logs (ray logs)")
-            batch, t0 = pending.pop(ready[0])
+            batch = pending.pop(ready[0])
             cands = ray.get(ready[0])
             actor = self.rewards[n_done % len(self.rewards)]
-            scoring.append((actor.score.remote({p.uid: p for p in batch}, cands, iteration), cands, time.perf_counter() - t0, time.perf_counter()))
+            scoring.append((actor.score.remote({p.uid: p for p in batch}, cands, iteration), cands))
             n_done += 1
             if on_batch:
                 on_batch(len(batch))
-        for ref, cands, gen_s, t1 in scoring:
-            out.add(cands, ray.get(ref, timeout=CALL_TIMEOUT_S), gen_s, time.perf_counter() - t1)
+        for ref, cands in scoring:
+            out.add(cands, ray.get(ref, timeout=CALL_TIMEOUT_S))
         return out
 
     def load_weights(self, version, weights) -> list[dict]:

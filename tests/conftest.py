@@ -14,3 +14,14 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+import pytest  # noqa: E402  (the fixture section below was appended after the environment set-up)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The warmed-up tiny model folder (`resolve_model("tiny")`), built once per machine."""
+    from larpo_ray.models import resolve_model
+
+    return resolve_model("tiny")

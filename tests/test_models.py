@@ -1,6 +1,8 @@
 """larpo_ray/models.py: name resolution, errors, the SmolLM2 conversion and the tiny model."""
 
 import json
+import multiprocessing
+import time
 
 import pytest
 import torch
@@ -42,6 +44,7 @@ def smollm2_dir(tmp_path_factory):
         yield models.smollm2_path()
 
 
+@pytest.mark.slow  # converts, then loads the GGUF again as the reference: ~2-3 min on 2 cores
 def test_smollm2_conversion_matches_gguf(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config  # vLLM rejects `quantization: gguf`
@@ -59,6 +62,7 @@ def test_smollm2_conversion_matches_gguf(smollm2_dir):
                                                                     prompts)
 
 
+@pytest.mark.slow  # needs the conversion above
 def test_smollm2_is_converted_once(smollm2_dir, monkeypatch):
     monkeypatch.setenv("LARPO_CACHE", str(smollm2_dir.parent.parent))
     weights = smollm2_dir / "model.safetensors"
@@ -103,7 +107,7 @@ def test_tiny_warmup_gives_nonzero_accuracy(warm_tiny_dir):
     assert not {p.uid for p in train} & {p.uid for p in held_out}
     model = models.load_causal_lm(warm_tiny_dir)
     tokenizer = models.load_tokenizer(warm_tiny_dir)
-    accuracy = models.greedy_accuracy(model, tokenizer, held_out[:16])
+    accuracy = models.greedy_accuracy(model, tokenizer, held_out)
     assert 0 < accuracy < 1  # above zero, with room for the alignment loop to improve
 
 
@@ -112,6 +116,27 @@ def test_resolve_tiny_uses_default_warmup(cache, monkeypatch):
     monkeypatch.setattr(models, "build_tiny_model", lambda **kw: calls.append(kw) or cache)
     assert models.resolve_model("tiny") == str(cache)
     assert calls == [{"warmup_steps": models.TINY_WARMUP_STEPS}]
+
+
+def _slow_build(tmp):
+    """A stand-in build: slow enough that two processes overlap; counts how often it ran."""
+    with open(tmp.parent / "builds.log", "a") as log:
+        log.write("built\n")
+    time.sleep(0.5)
+    (tmp / "config.json").write_text("{}")
+
+
+def _build_in_child(target):
+    return str(models._build_once(target, _slow_build))
+
+
+def test_concurrent_builds_build_once(tmp_path):
+    target = tmp_path / "model"
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        paths = pool.map(_build_in_child, [target, target])
+    assert paths == [str(target)] * 2
+    assert (tmp_path / "builds.log").read_text() == "built\n"  # the second process waited
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "builds.log", "model"]
 
 
 # ------------------------------------------------------------------------------------------
