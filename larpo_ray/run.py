@@ -38,9 +38,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from larpo_ray.config import Config, ConfigError, help_text, load_config
+from larpo_ray.data import DataError
+from larpo_ray.models import ModelError
+
+if TYPE_CHECKING:  # heavy modules: imported when a run starts, not for --help
+    from larpo_ray.data import PromptSplits
+    from larpo_ray.topology import Runtime
+    from larpo_ray.tracking import Tracker
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -69,39 +78,63 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.preset, rest)
-    except ConfigError as err:
-        print(f"larpo-ray: config error: {err}", file=sys.stderr)
+        return align(cfg, eval_only=args.eval_only)
+    except (ConfigError, DataError, ModelError) as err:
+        print(f"larpo-ray: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    return align(cfg, eval_only=args.eval_only)
 
 
-def align(cfg: Config, eval_only: bool = False) -> int:
-    """Set up the run (folder, model, data, roles) and run the loop."""
+@dataclass
+class Session:
+    """What a run works with: the resolved policy, the prompts, the roles and the tracker."""
+
+    policy_path: str
+    splits: PromptSplits
+    runtime: Runtime
+    tracker: Tracker
+
+    def close(self) -> None:
+        self.runtime.shutdown()
+        self.tracker.finish()
+
+
+def start(cfg: Config, run_dir: Path, with_learner: bool = True) -> Session:
+    """Resolve the model, load the prompts, start the roles (on Ray unless use_ray = false)."""
     from larpo_ray.data import load_prompts
-    from larpo_ray.driver import evaluate_only, run_loop, save_final
     from larpo_ray.models import load_tokenizer, resolve_model
     from larpo_ray.topology import build_runtime
     from larpo_ray.tracking import Tracker
 
-    run_dir = make_run_dir(cfg)
-    cfg.save(run_dir / "config.yaml")
-    print(f"larpo-ray: run folder {run_dir}")
     policy_path = str(resolve_model(cfg.model.name_or_path, cfg.model.trust_remote_code))
     splits = load_prompts(cfg.data, load_tokenizer(policy_path, cfg.model.trust_remote_code))
     print(f"larpo-ray: {len(splits.train)} train / {len(splits.eval)} held-out prompts")
     tracker = Tracker(cfg, run_dir)
-    runtime = build_runtime(cfg, policy_path, with_learner=not eval_only)
+    try:
+        runtime = build_runtime(cfg, policy_path, with_learner)
+    except BaseException:
+        tracker.finish()
+        raise
+    return Session(policy_path, splits, runtime, tracker)
+
+
+def align(cfg: Config, eval_only: bool = False) -> int:
+    """Set up the run folder and the roles, then run the loop (or only evaluate)."""
+    from larpo_ray.driver import evaluate_only, run_loop, save_final
+
+    run_dir = make_run_dir(cfg)
+    cfg.save(run_dir / "config.yaml")
+    print(f"larpo-ray: run folder {run_dir}")
+    session = start(cfg, run_dir, with_learner=not eval_only)
     try:
         if eval_only:
-            evaluate_only(cfg, runtime, splits.eval, tracker, cfg.logging.progress)
-            return 0
-        run_loop(cfg, runtime, splits.train, splits.eval, tracker, cfg.logging.progress)
-        if cfg.loop.save_model:
-            print(f"larpo-ray: aligned policy saved to {save_final(runtime, run_dir)}")
+            evaluate_only(cfg, session.runtime, session.splits.eval, session.tracker, cfg.logging.progress)
+        else:
+            run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, cfg.logging.progress)
+            if cfg.loop.save_model:
+                print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, run_dir)}")
     finally:
-        runtime.shutdown()
-        tracker.finish()
-        print(tracker.table())
+        session.close()
+        print(session.tracker.table())
     return 0
 
 

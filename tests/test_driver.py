@@ -8,7 +8,6 @@ import pytest
 from larpo_ray.config import load_config
 from larpo_ray.driver import run_loop, sample_prompts, temperatures_for
 from larpo_ray.tasks import make_splits
-from larpo_ray.tracking import Tracker
 from larpo_ray.types import Prompt
 
 
@@ -39,27 +38,21 @@ def test_temperatures_follow_the_schedule_or_the_mix():
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    from larpo_ray.data import load_prompts
-    from larpo_ray.models import load_tokenizer, resolve_model
-    from larpo_ray.topology import build_runtime
+    from larpo_ray.run import start
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(preset="tiny", overrides=[
         "--resources.use_ray", "false", "--generation.engine", "hf", "--learner.num_workers", "1",
         "--loop.iterations", "2", "--loop.prompts_per_iteration", "8", "--data.num_eval", "8",
         "--loop.pass_at_n", "2", "--logging.progress", "false", "--loop.run_dir", str(run_dir)])
-    path = str(resolve_model(cfg.model.name_or_path))
-    splits = load_prompts(cfg.data, load_tokenizer(path))
-    runtime = build_runtime(cfg, path)
-    tracker = Tracker(cfg, run_dir)
+    session = start(cfg, run_dir)
     try:
-        records = run_loop(cfg, runtime, splits.train, splits.eval, tracker, progress=False)
-        weights = runtime.learner.get_weights()
-        greedy = runtime.rollout(splits.eval[:4], [0.0], -1)
+        records = run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False)
+        weights = session.runtime.learner.get_weights()
+        greedy = session.runtime.rollout(session.splits.eval[:4], [0.0], -1)
     finally:
-        runtime.shutdown()
-        tracker.finish()
-    return cfg, run_dir, records, weights, greedy, splits
+        session.close()
+    return cfg, run_dir, records, weights, greedy, session.splits
 
 
 def test_loop_records_every_iteration_with_all_phases(local_run):

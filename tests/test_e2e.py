@@ -17,28 +17,21 @@ def ray_run(tmp_path_factory):
     import ray
 
     from larpo_ray.config import load_config
-    from larpo_ray.data import load_prompts
     from larpo_ray.driver import run_loop, save_final
-    from larpo_ray.models import load_tokenizer, resolve_model
-    from larpo_ray.topology import build_runtime
-    from larpo_ray.tracking import Tracker
+    from larpo_ray.run import start
 
     run_dir = tmp_path_factory.mktemp("ray-run")
     cfg = load_config(preset="tiny", overrides=["--loop.run_dir", str(run_dir), "--logging.progress", "false"])
-    path = str(resolve_model(cfg.model.name_or_path))
-    splits = load_prompts(cfg.data, load_tokenizer(path))
-    runtime = build_runtime(cfg, path)
-    tracker = Tracker(cfg, run_dir)
+    session = start(cfg, run_dir)
     try:
-        records = run_loop(cfg, runtime, splits.train, splits.eval, tracker, progress=False)
-        policy = save_final(runtime, run_dir)
-        greedy = runtime.rollout(splits.eval[:6], [0.0], -1)
-        info = runtime.learner.worker_info()
+        records = run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False)
+        policy = save_final(session.runtime, run_dir)
+        greedy = session.runtime.rollout(session.splits.eval[:6], [0.0], -1)
+        info = session.runtime.learner.worker_info()
     finally:
-        runtime.shutdown()
-        tracker.finish()
+        session.close()
         ray.shutdown()
-    return cfg, path, run_dir, records, policy, greedy, info, splits
+    return cfg, session.policy_path, run_dir, records, policy, greedy, info, session.splits
 
 
 def test_every_iteration_is_recorded(ray_run):
@@ -50,9 +43,13 @@ def test_every_iteration_is_recorded(ray_run):
 
 
 def test_learner_workers_lived_for_the_whole_run(ray_run):
-    *_, info, _ = ray_run
+    _, _, _, records, _, _, info, _ = ray_run
     assert len(info) == 2 and len({w["pid"] for w in info}) == 2
-    assert all(w["iterations"] == 2 for w in info)  # one worker process served both iterations
+    # The step counter lives in the worker process: it holds both iterations' steps only if the
+    # same processes served both (no restart, no re-load between iterations).
+    steps = sum(r["train/steps"] for r in records[1:])
+    assert steps > 0 and all(w["step"] == steps for w in info)
+    assert info[0]["checksum"] == info[1]["checksum"]  # data-parallel ranks hold the same weights
 
 
 def test_every_trainable_parameter_changed(ray_run):
