@@ -54,7 +54,18 @@ def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: S
                   **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
                   **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()}}
         tracker.log(record, result.step_metrics, sample_rows(lists, cfg.logging.log_samples))
+        if progress:
+            print(summary_line(record, cfg.loop.iterations), flush=True)
     return tracker.records
+
+
+def summary_line(record: dict[str, Any], iterations: int) -> str:
+    """One console line per iteration: what each phase took and where the metrics stand."""
+    get = lambda key: record.get(key, float("nan"))  # noqa: E731 (eval may be skipped)
+    return (f"iter {record['iteration']}/{iterations}: generate {get('timing/generate'):.0f}s "
+            f"({get('rollout/tokens_per_s'):.0f} tok/s), {get('lists/n_lists'):.0f} lists, "
+            f"train {get('timing/train'):.0f}s loss {get('train/loss'):.4f}, sync {get('timing/sync'):.1f}s, "
+            f"eval reward {get('eval/mean_reward'):.3f} win-rate vs initial {get('eval/win_rate_vs_initial'):.3f}")
 
 
 def timed(timing: dict[str, float], phase: str, fn, *args):
