@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from larpo_ray.batching import ListBatch, collate, micro_batches, sequence_logps, shard, to_BK
+from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, shard, to_BK
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
 from larpo_ray.losses import LOSSES
 from larpo_ray.models import load_causal_lm, load_tokenizer
@@ -178,19 +178,8 @@ class LearnerWorker:
     # ---- forward passes ------------------------------------------------------------------------
 
     def _logps(self, model, batch: ListBatch) -> Tensor:
-        """Sequence log-probs [N] of a batch under `model` (the engine or the frozen copy).
-
-        Logits are computed only from the position before the earliest response token on
-        (`logits_to_keep`): prompt positions never enter log pi(y|x), and the [N, T, V] logits
-        are the largest activation of a small model with a big vocabulary.
-        """
-        batch = batch.to(self.engine.device)
-        first = int(batch.response_mask_NT.int().argmax(dim=1).min())
-        start = max(first - 1, 0)
-        logits = model(input_ids=batch.input_ids_NT, attention_mask=batch.attention_mask_NT,
-                       use_cache=False, logits_to_keep=batch.input_ids_NT.shape[1] - start).logits
-        return sequence_logps(logits, batch.input_ids_NT[:, start:],
-                              batch.response_mask_NT[:, start:], self.loss_cfg.length_normalize)
+        """Sequence log-probs [N] of a batch under `model` (the engine or the frozen copy)."""
+        return model_logps(model, batch.to(self.engine.device), self.loss_cfg.length_normalize)
 
     def _dummy_forward(self, model) -> Tensor:
         """A 2-token forward whose output sum times 0 is a loss with zero gradient everywhere:

@@ -107,6 +107,21 @@ def sequence_logps(logits_NTV: Tensor, input_ids_NT: Tensor, response_mask_NT: T
     return logp_N
 
 
+def model_logps(model, batch: ListBatch, length_normalize: bool) -> Tensor:
+    """Sequence log-probs [N] of `batch` (already on the model's device) under a causal LM.
+
+    Logits are computed only from the position before the earliest response token on
+    (`logits_to_keep`): prompt positions never enter log pi(y|x), and the [N, T, V] logits are the
+    largest activation of a small model with a big vocabulary.
+    """
+    first = int(batch.response_mask_NT.int().argmax(dim=1).min())
+    start = max(first - 1, 0)
+    logits = model(input_ids=batch.input_ids_NT, attention_mask=batch.attention_mask_NT,
+                   use_cache=False, logits_to_keep=batch.input_ids_NT.shape[1] - start).logits
+    return sequence_logps(logits, batch.input_ids_NT[:, start:], batch.response_mask_NT[:, start:],
+                          length_normalize)
+
+
 def to_BK(logp_N: Tensor, seq_index_BK: Tensor) -> Tensor:
     """Scatter per-sequence values into the [B, K] list layout; 0.0 at padding (the loss masks it)."""
     picked_BK = logp_N[seq_index_BK.clamp(min=0)]

@@ -1,0 +1,165 @@
+"""GPU learner step: training tokens/s and MFU of LARPO's learner step, against the matmul peak
+measured in the same run.
+
+Needs only PyTorch + transformers and this repo's pure modules (`larpo_ray.batching`,
+`larpo_ray.losses`, `larpo_ray.types`): no Ray, vLLM or DeepSpeed, so it runs on a bare GPU box.
+One step = collate ranked lists -> policy forward with grad -> sequence log-probs -> ranking loss
+against fixed reference log-probs -> backward -> AdamW. The reference pass (no grad, once per
+iteration in the real learner) is timed separately.
+
+MFU = achieved FLOP/s / peak, with FLOPs per token = 6 x (matmul parameters, LM head included)
++ 12 x layers x hidden x sequence length (attention scores), for the real (unpadded) tokens; the
+peak is a large square bf16 matmul timed here, not the datasheet.
+
+    python benchmarks/gpu_learner_step.py --model 1b --out results.json      # on a GPU
+    python benchmarks/gpu_learner_step.py --smoke                            # CPU, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from larpo_ray.batching import collate, model_logps, to_BK  # noqa: E402
+from larpo_ray.losses import LOSSES  # noqa: E402
+from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate  # noqa: E402
+
+# Llama-shaped models: (hidden, layers, heads, kv heads, intermediate, vocab)
+SHAPES = {
+    "tiny": (256, 4, 4, 4, 1024, 2048),
+    "smollm2-135m": (576, 30, 9, 3, 1536, 49152),
+    "1b": (2048, 16, 32, 8, 8192, 128256),
+    "3b": (3072, 28, 24, 8, 8192, 128256),
+}
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[name]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                      max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), cfg
+
+
+def make_lists(n_lists: int, k: int, prompt_len: int, response_len: int, vocab: int, seed: int) -> list[RankedList]:
+    """Random-token lists with distinct rewards (every pair strict), lengths jittered +-25%."""
+    rng = random.Random(seed)
+    lists = []
+    for i in range(n_lists):
+        p_len = rng.randint(prompt_len * 3 // 4, prompt_len)
+        prompt = Prompt(uid=f"p{i}", text="", token_ids=tuple(rng.randrange(vocab) for _ in range(p_len)))
+        cands = []
+        for j in range(k):
+            r_len = rng.randint(response_len * 3 // 4, response_len)
+            cand = Candidate(prompt_uid=prompt.uid, token_ids=tuple(rng.randrange(vocab) for _ in range(r_len)),
+                             text="", sample_logps=(), temperature=1.0, policy_version=0)
+            cands.append(ScoredCandidate(candidate=cand, reward=float(k - j), iteration=0))
+        lists.append(RankedList(prompt=prompt, candidates=tuple(cands), labels=tuple(c.reward for c in cands)))
+    return lists
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
+    """FLOP/s of an n x n matmul: the practical peak the MFU is measured against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def flops_per_token(cfg, seq_len: float) -> float:
+    h, layers, kv_ratio = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads / cfg.num_attention_heads
+    per_layer = h * h * (2 + 2 * kv_ratio) + 3 * h * cfg.intermediate_size  # q, o, k, v, MLP
+    matmul_params = layers * per_layer + h * cfg.vocab_size  # + LM head
+    return 6 * matmul_params + 12 * layers * h * seq_len
+
+
+def run(args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, cfg = build_model(args.model, device, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device == "cuda")
+    lists = make_lists(args.lists, args.k, args.prompt_len, args.response_len, cfg.vocab_size, 0)
+    batch = collate(lists, pad_id=0).to(device)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        ref_BK = to_BK(model_logps(model, batch, False), batch.seq_index_BK)
+        _sync(device)
+        ref_s = time.perf_counter() - t0
+    times, loss = [], None
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        logp_BK = to_BK(model_logps(model, batch, False), batch.seq_index_BK)
+        loss, _ = LOSSES[args.loss](logp_BK, ref_BK, batch.labels_BK, batch.mask_BK, 0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    tokens = batch.num_tokens
+    step_s = sorted(times)[len(times) // 2]
+    mean_len = tokens / batch.input_ids_NT.shape[0]
+    achieved = flops_per_token(cfg, mean_len) * tokens / step_s
+    peak = matmul_peak(device, dtype, args.peak_n, args.peak_reps)
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
+        "model": args.model, "params": sum(p.numel() for p in model.parameters()), "loss_name": args.loss,
+        "lists": args.lists, "k": args.k, "tokens_per_step": tokens, "padded_tokens": batch.input_ids_NT.numel(),
+        "step_seconds_median": step_s, "train_tokens_per_s": tokens / step_s, "reference_seconds": ref_s,
+        "reference_tokens_per_s": tokens / ref_s, "achieved_tflops": achieved / 1e12,
+        "matmul_peak_tflops": peak / 1e12, "mfu_vs_measured_peak": achieved / peak,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+        "final_loss": float(loss.detach()),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="listmle")
+    parser.add_argument("--lists", type=int, default=8, help="prompts (lists) per step")
+    parser.add_argument("--k", type=int, default=4, help="candidates per list")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--response-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-n", type=int, default=8192)
+    parser.add_argument("--peak-reps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CPU, CI)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.lists, args.k, args.prompt_len, args.response_len = "tiny", 2, 3, 16, 16
+        args.steps, args.warmup, args.peak_n, args.peak_reps = 2, 1, 256, 2
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
