@@ -97,6 +97,7 @@ def run(args) -> dict:
     lists = make_lists(args.lists, args.k, args.prompt_len, args.response_len, cfg.vocab_size, 0)
     batch = collate(lists, pad_id=0).to(device)
     with torch.no_grad():
+        ref_BK = to_BK(model_logps(model, batch, False), batch.seq_index_BK)  # warm-up (kernels, allocator)
         _sync(device)
         t0 = time.perf_counter()
         ref_BK = to_BK(model_logps(model, batch, False), batch.seq_index_BK)
