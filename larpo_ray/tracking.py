@@ -1,4 +1,5 @@
-"""Where a run's numbers go: `RUN_DIR/metrics.jsonl`, W&B (offline by default) and the console.
+"""Where a run's numbers go: `RUN_DIR/metrics.jsonl` (+ `steps.jsonl`, one line per learner
+step), W&B (offline by default) and the console.
 
 One JSON object per line: the initial evaluation as iteration 0, then one per LARPO iteration with
 `train/*`, `eval/*`, `timing/*` (seconds per phase) and throughput. W&B gets the same numbers, with
@@ -35,6 +36,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_dir: Path, wandb_id: str | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.steps_path = run_dir / "steps.jsonl"  # one line per learner optimizer step
         self.records: list[dict[str, Any]] = []
         self.wandb = _start_wandb(cfg, run_dir, wandb_id)
 
@@ -46,6 +48,9 @@ class Tracker:
         record = {k: _jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        with self.steps_path.open("a") as f:
+            for step in step_metrics:
+                f.write(json.dumps({"iteration": record["iteration"], **{k: _jsonable(v) for k, v in step.items()}}) + "\n")
         self.records.append(record)
         if self.wandb is None:
             return

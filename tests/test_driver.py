@@ -69,6 +69,10 @@ def test_loop_records_every_iteration_with_all_phases(local_run):
         assert rec["rollout/n_candidates"] == cfg.loop.prompts_per_iteration * cfg.generation.k
         assert rec["sync/bytes"] > 0
     assert 0.0 <= lines[0]["eval/accuracy"] <= 1.0 and "eval/win_rate_vs_initial" not in lines[0]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == sum(r["train/steps"] for r in lines[1:]) > 0
+    assert [s["step"] for s in steps] == sorted(s["step"] for s in steps)  # the global learner step
+    assert all({"iteration", "loss", "lr"} <= s.keys() for s in steps)
 
 
 def test_generator_serves_the_learners_weights_after_the_loop(local_run):
