@@ -425,6 +425,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-5 (no dot) as a string: accept what Python reads as a number
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}, got {type(value).__name__}")
     return value

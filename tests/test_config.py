@@ -51,6 +51,16 @@ def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
     assert message in str(err.value)
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads `1e-5` as a string; on the command line and in recipes it means a float.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learner:\n  lr: 2e-6\n")
+    assert load_config(str(recipe)).learner.lr == 2e-6
+    assert load_config(overrides=["--learner.lr", "1e-5"]).learner.lr == 1e-5
+    with pytest.raises(ConfigError, match="learner.lr = '1e-5x' has the wrong type"):
+        load_config(overrides=["--learner.lr", "1e-5x"])
+
+
 def test_construction_in_python_is_validated_too():
     with pytest.raises(ConfigError, match="loss.beta = 0.0 is not allowed"):
         LossConfig(beta=0)
