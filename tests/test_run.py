@@ -1,0 +1,50 @@
+"""The CLI entry point: --help, and what bad input gets (exit 2, a message naming the problem)."""
+
+import pytest
+
+from larpo_ray.run import main
+
+
+def test_help_lists_the_runbook_and_every_knob(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Algorithm as implemented" in out and "--loss.name" in out and "--generation.k" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss.nam", "listmle"], "ConfigError: unknown key loss.nam (did you mean loss.name?)"),
+    (["--generation.k", "2", "--loss.name", "lambdarank"], "needs lists of >= 3 candidates"),
+    (["--config", "/nonexistent/recipe.yaml"], "config file '/nonexistent/recipe.yaml' does not exist"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_bad_config_exits_2_before_anything_starts(argv, message, capsys, tmp_path):
+    assert main(argv + ["--loop.run_dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was created
+
+
+def test_missing_model_exits_2_naming_the_path(capsys, tmp_path):
+    argv = ["--model.name_or_path", str(tmp_path / "no-model"), "--resources.use_ray", "false",
+            "--loop.run_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ModelError" in err and str(tmp_path / "no-model") in err
+
+
+def test_bad_data_file_exits_2_naming_the_file(capsys, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    argv = ["--model.name_or_path", "tiny", "--resources.use_ray", "false", "--data.source", str(data),
+            "--data.num_eval", "1", "--loop.run_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "DataError" in err and "prompts.jsonl" in err and "line 2" in err
+
+
+def test_a_run_folder_with_a_run_is_not_overwritten(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    assert main(["--loop.run_dir", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
