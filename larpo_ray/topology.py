@@ -104,6 +104,10 @@ class LocalRuntime(Runtime):
     def load_weights(self, version, weights) -> list[dict]:
         return [self.generator.load_weights(version, weights)]
 
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.generator.close()  # vLLM: its engine-core and worker processes, now
+
 
 class RayRuntime(Runtime):
     """Generators and reward actors as Ray actors; the learner as a Ray Train group.
