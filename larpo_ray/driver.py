@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actors.generator import sample_temperatures
 from actors.reward import win_rate
 from larpo_ray.config import Config
 from larpo_ray.lists import CandidateMemory, ListStats
@@ -97,9 +98,7 @@ def _permutation(seed: int, n: int, epoch: int) -> list[int]:
 def temperatures_for(cfg: Config, iteration: int) -> list[float]:
     """k per-sample temperatures: the iteration's schedule value, or the mixed list round-robin."""
     g = cfg.generation
-    if g.mixed_temperatures:
-        return [g.mixed_temperatures[i % len(g.mixed_temperatures)] for i in range(g.k)]
-    return [g.temperature_at(iteration)] * g.k
+    return sample_temperatures(g.k, g.temperature_at(iteration), g.mixed_temperatures)
 
 
 def generate_and_score(cfg: Config, runtime: Runtime, prompts: list[Prompt], iteration: int, progress: bool) -> Rollout:
