@@ -29,9 +29,9 @@ class ConfigError(ValueError):
 
 
 def knob(default: Any, doc: str) -> Any:
-    """A config field with its one-line doc (lists get a fresh copy per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    """A config field with its one-line doc (lists and dicts get a fresh copy per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -240,10 +240,23 @@ class ResourcesConfig(Group):
     reward_gpus: float = knob(0.0, "GPUs per reward actor (reward models)")
     learner_cpus_per_worker: float = knob(1.0, "CPUs per learner worker")
     learner_gpus_per_worker: float = knob(0.0, "GPUs per learner worker")
+    generator_memory_gb: float = knob(0.0, "heap memory (GiB) Ray reserves per generator actor when placing it (0: none; not enforced)")
+    reward_memory_gb: float = knob(0.0, "heap memory (GiB) Ray reserves per reward actor (0: none)")
+    learner_memory_gb_per_worker: float = knob(0.0, "heap memory (GiB) Ray reserves per learner worker (0: none)")
+    generator_resources: dict[str, float] = knob({}, "custom Ray resources per generator actor, e.g. {gen_node: 1}: only nodes that offer them host it")
+    reward_resources: dict[str, float] = knob({}, "custom Ray resources per reward actor")
+    learner_resources_per_worker: dict[str, float] = knob({}, "custom Ray resources per learner worker")
+    learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = knob("PACK", "placement strategy of the learner workers' placement group (Ray Train); PACK: on one node where they fit")
+    nodes: str = knob("local", "node types --dry-run packs the actors onto: 'local' (this machine), 'NxGPU' (e.g. 8xH100), 'Ncpu' (e.g. 16cpu) or a Ray launcher YAML (cluster/aws.yaml); join several with '+'")
 
     def check(self) -> None:
-        for name in ("generator_cpus", "generator_gpus", "reward_cpus", "reward_gpus", "learner_cpus_per_worker", "learner_gpus_per_worker"):
+        for name in ("generator_cpus", "generator_gpus", "reward_cpus", "reward_gpus", "learner_cpus_per_worker", "learner_gpus_per_worker",
+                     "generator_memory_gb", "reward_memory_gb", "learner_memory_gb_per_worker"):
             self._require(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("generator_resources", "reward_resources", "learner_resources_per_worker"):
+            custom = getattr(self, name)
+            self._require(not {"CPU", "GPU", "memory", "object_store_memory"} & set(custom), name, "custom resource names only (CPU, GPU and memory have their own resources.* knobs)")
+            self._require(all(v >= 0 for v in custom.values()), name, "amounts >= 0")
 
 
 @dataclass
@@ -419,6 +432,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r} must be a list of {_type_name(args[0])}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a mapping of {_type_name(args[0])} to {_type_name(args[1])}, e.g. {{name: 1}}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}[{k!r}]") for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, Group):
         if not isinstance(value, hint):
             raise ConfigError(f"{key} must be a {hint.__name__}, got {type(value).__name__}")
@@ -462,6 +479,8 @@ def _type_name(hint: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from larpo_ray import plan
 from larpo_ray.config import Config
 from larpo_ray.types import RankedList, TrainResult
 
@@ -125,21 +126,18 @@ class RayLearnerGroup(LearnerGroup):
         from ray.util.queue import Queue
 
         start = time.perf_counter()
-        n, res = cfg.learner.num_workers, cfg.resources
-        use_gpu = res.learner_gpus_per_worker > 0
+        n = cfg.learner.num_workers
+        scaling = plan.learner_scaling(cfg)  # resources per worker and the placement group's strategy
+        use_gpu = scaling["use_gpu"]
         queue_options = {"num_cpus": 0}  # bookkeeping actors must not take the workers' CPUs
         self._requests = [Queue(actor_options=queue_options) for _ in range(n)]
         self._replies = Queue(actor_options=queue_options)
         self._storage = tempfile.TemporaryDirectory(prefix="larpo-learner-")
-        resources = {"CPU": res.learner_cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = res.learner_gpus_per_worker
         self._trainer = TorchTrainer(
             _serve,
             train_loop_config={"model_path": model_path, "cfg": cfg,
                                "requests": self._requests, "replies": self._replies},
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=use_gpu,
-                                         resources_per_worker=resources, placement_strategy="PACK"),
+            scaling_config=ScalingConfig(**scaling),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(storage_path=self._storage.name, name="learner"))
         self._error: BaseException | None = None

@@ -29,6 +29,8 @@ Launch:
     python -m larpo_ray.run --loss.name listmle --generation.k 6    # dotted overrides
     python -m larpo_ray.run --eval-only --model.name_or_path runs/X/policy   # held-out metrics only
     python -m larpo_ray.run --help                   # every knob with its doc and default
+    python -m larpo_ray.run --config configs/paper-mistral7b-base-contrastive.yaml --dry-run
+                                                     # resource plan: actors, resources, nodes; starts nothing
 On a cluster (Ray 2.60 enables token auth by default; see README):
     ray job submit --working-dir . -- python -m larpo_ray.run --preset tiny
 """
@@ -58,6 +60,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--preset", help="a recipe name in configs/, e.g. tiny")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the policy on the held-out split")
+    parser.add_argument("--dry-run", action="store_true", help="print the resource plan (resources.nodes) and start nothing")
     parser.add_argument("--help", "-h", action="store_true", help="list every config knob")
     return parser.parse_known_args(argv)
 
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.preset, rest)
+        if args.dry_run:  # the resource plan only: no Ray, no model, no run folder
+            from larpo_ray.plan import format_plan, make_plan
+
+            print(format_plan(make_plan(cfg), args.config or args.preset or "the defaults"))
+            return 0
         return align(cfg, eval_only=args.eval_only)
     except (ConfigError, DataError, ModelError) as err:
         print(f"larpo-ray: {type(err).__name__}: {err}", file=sys.stderr)

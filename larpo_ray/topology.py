@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from actors.generator import Generator
 from actors.reward import RewardActor, ScoreReport
+from larpo_ray import plan
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
@@ -119,11 +120,10 @@ class RayRuntime(Runtime):
     def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True) -> None:
         import ray
 
-        res = cfg.resources
         gen_cls = ray.remote(Generator).options(
-            num_cpus=res.generator_cpus, num_gpus=res.generator_gpus * cfg.generation.tensor_parallel_size,
+            **plan.actor_options(cfg, "generator"),  # CPUs, GPUs, memory, custom resources (plan.py)
             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.generation.cpu_kvcache_gb)}})
-        reward_cls = ray.remote(RewardActor).options(num_cpus=res.reward_cpus, num_gpus=res.reward_gpus)
+        reward_cls = ray.remote(RewardActor).options(**plan.actor_options(cfg, "reward"))
         self.generators = [gen_cls.remote(policy_path, cfg.generation, cfg.model) for _ in range(cfg.generation.num_generators)]
         self.rewards = [reward_cls.remote(cfg.reward, cfg.model.trust_remote_code) for _ in range(cfg.reward.num_actors)]
         ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=CALL_TIMEOUT_S)
@@ -172,7 +172,8 @@ def init_ray(cfg: Config) -> None:
 
     A local instance declares at least as many logical CPUs as the roles ask for: on a 2-core
     machine the phases take turns on the cores (generation, then training), so the roles' CPU
-    requests describe a share, not exclusive cores.
+    requests describe a share, not exclusive cores. It also offers the custom resources the roles
+    name (resources.*_resources), which a cluster's node types provide.
     """
     import ray
 
@@ -182,10 +183,8 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address)
         return
-    res, g = cfg.resources, cfg.generation
-    need = (res.generator_cpus * g.num_generators + res.reward_cpus * cfg.reward.num_actors
-            + res.learner_cpus_per_worker * cfg.learner.num_workers)
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+    local = plan.local_node(cfg).capacity
+    ray.init(num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False)
 
 
 def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True) -> Runtime:
