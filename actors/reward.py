@@ -26,9 +26,11 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 from larpo_ray.config import RewardConfig
+from larpo_ray.models import require_safetensors
 from larpo_ray.tasks import REWARDS, parse_final_answer
 from larpo_ray.types import Candidate, Prompt, ScoredCandidate
 
@@ -92,9 +94,12 @@ class RewardModelScorer:
 
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if Path(model_path).is_dir():
+            require_safetensors(Path(model_path), "reward.model_path")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        # use_safetensors: pickled .bin weights can run code when loaded; they are never read.
         self.model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_path, trust_remote_code=trust_remote_code, output_loading_info=True)
+            model_path, trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True)
         # A policy checkpoint loads "fine" with a randomly initialised head: refuse it, since
         # training on a random reranker's scores would fail silently.
         if self.model.config.num_labels != 1 or info["missing_keys"]:
@@ -151,7 +156,7 @@ class RewardModelScorer:
 class HTTPScorer:
     """A remote scorer. Protocol (one POST per batch of at most `batch_size` pairs):
 
-        POST <url>    Content-Type: application/json    [Authorization: Bearer $LARPO_REWARD_API_KEY]
+        POST <url>    Content-Type: application/json    [Authorization: Bearer <key>]
         {"prompts":   ["<prompt text, chat-templated for the policy>", ...],
          "messages":  [[{"role": "user", "content": "..."}, ...], ...],   # same prompts, untemplated
          "responses": ["<response text>", ...]}
@@ -160,16 +165,27 @@ class HTTPScorer:
     Connection errors, timeouts, 5xx and 429 are retried `max_retries` times with capped exponential
     backoff plus jitter; other 4xx fail at once (the request is wrong, retrying will not help). A
     body that is not that JSON shape raises `ScorerError`. The API key is read from the env var
-    `api_key_env` if set, sent only as a header, and never logged or put in an error message.
+    named `api_key_env` (reward.api_key_env; a config holds the name, never the key), sent only as
+    a header, and never logged or put in an error message. TLS certificates are verified against
+    the system's CAs, or `ca_bundle` (reward.ca_bundle); verify_tls = False accepts any
+    certificate and warns.
     """
 
     def __init__(self, url: str, timeout_s: float = 30.0, max_retries: int = 3, verify_tls: bool = True,
                  batch_size: int = 16, api_key_env: str = "LARPO_REWARD_API_KEY",
-                 backoff_s: float = 1.0, max_backoff_s: float = 30.0):
+                 backoff_s: float = 1.0, max_backoff_s: float = 30.0, ca_bundle: str | None = None):
         import requests
 
         self.url, self.timeout_s, self.max_retries, self.verify_tls = url, timeout_s, max_retries, verify_tls
         self.batch_size, self.backoff_s, self.max_backoff_s = batch_size, backoff_s, max_backoff_s
+        if ca_bundle is not None and not Path(ca_bundle).is_file():
+            raise ScorerError(f"reward.ca_bundle {ca_bundle!r} is not a file on this node: give the path of a "
+                              f"PEM file with the CA certificate(s) of {url}")
+        self.verify: bool | str = (ca_bundle or True) if verify_tls else False  # requests' `verify`
+        if not verify_tls:
+            log.warning("reward.verify_tls = false: the reward server %s is not authenticated, so anyone on the "
+                        "network path can read the API key and forge scores; set reward.ca_bundle to its CA "
+                        "certificate instead", url)
         self._session = requests.Session()
         self._api_key = os.environ.get(api_key_env) or None
         if self._api_key:
@@ -177,7 +193,8 @@ class HTTPScorer:
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, trust_remote_code: bool = False) -> HTTPScorer:
-        return cls(cfg.url, cfg.timeout_s, cfg.max_retries, cfg.verify_tls, cfg.batch_size)
+        return cls(cfg.url, cfg.timeout_s, cfg.max_retries, cfg.verify_tls, cfg.batch_size, cfg.api_key_env,
+                   ca_bundle=cfg.ca_bundle)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
@@ -200,11 +217,11 @@ class HTTPScorer:
             if attempt:
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
             try:
-                resp = self._session.post(self.url, json=payload, timeout=self.timeout_s, verify=self.verify_tls)
+                resp = self._session.post(self.url, json=payload, timeout=self.timeout_s, verify=self.verify)
             except requests.exceptions.SSLError as err:  # a certificate will not fix itself: no retry
                 raise ScorerError(f"reward server {self.url}: TLS verification failed ({self._redact(err)}); "
-                                  f"fix the certificate, or set reward.verify_tls = false for a trusted "
-                                  f"self-signed server") from None
+                                  f"fix the server's certificate, or point reward.ca_bundle at the PEM of the "
+                                  f"CA that signed it (for a self-signed server: its certificate)") from None
             except requests.Timeout:
                 last = f"timed out after reward.timeout_s = {self.timeout_s} s"
                 continue
@@ -307,9 +324,11 @@ class RewardActor:
     def _report(self, scored, failures, first_error, total, iteration) -> ScoreReport:
         n_failed = sum(failures.values())
         if total and n_failed == total:
-            raise ScorerError(f"all {total} candidates of iteration {iteration} failed to score ({failures}); "
+            where = f"iteration {iteration}" if iteration >= 0 else "the held-out evaluation"
+            raise ScorerError(f"all {total} candidates of {where} failed to score ({failures}); "
                               f"first error: {first_error!r}. The reward.kind = {self.cfg.kind} scorer looks "
-                              f"broken") from first_error
+                              f"broken: fix it (the first error says how) and run again; nothing unscored "
+                              f"was trained on") from first_error
         if n_failed:
             log.warning("iteration %d: %d/%d candidates failed to score and are dropped: %s%s", iteration,
                         n_failed, total, failures, f" (first error: {first_error})" if first_error else "")

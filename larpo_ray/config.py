@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 LISTWISE_LOSSES = ("lambdarank", "listmle")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -129,13 +131,20 @@ class RewardConfig(Group):
     url: str | None = knob(None, "scoring endpoint when kind = http")
     timeout_s: float = knob(30.0, "per-request timeout of the HTTP scorer")
     max_retries: int = knob(3, "HTTP retries with exponential backoff")
-    verify_tls: bool = knob(True, "verify the HTTP scorer's TLS certificate")
+    verify_tls: bool = knob(True, "verify the HTTP scorer's TLS certificate (false: accept any, with a warning; prefer reward.ca_bundle)")
+    ca_bundle: str | None = knob(None, "PEM file of the CA(s) the HTTP scorer's certificate must chain to, e.g. a private CA (None: the system's)")
+    api_key_env: str = knob("LARPO_REWARD_API_KEY", "NAME of the env var holding the HTTP scorer's API key (sent as a Bearer header); never the key itself")
     batch_size: int = knob(16, "responses scored per reward-model forward / HTTP request")
     num_actors: int = knob(1, "reward actors; batches are spread over them")
 
     def check(self) -> None:
         self._require(self.kind != "model" or bool(self.model_path), "model_path", "set it when reward.kind = model")
         self._require(self.kind != "http" or bool(self.url), "url", "set it when reward.kind = http")
+        self._require(self.ca_bundle is None or self.verify_tls, "ca_bundle", "only with reward.verify_tls = true (the bundle is what verifies)")
+        if not _ENV_NAME.fullmatch(self.api_key_env):  # the value may be a pasted key: never echo it
+            raise ConfigError("reward.api_key_env must be the NAME of an environment variable (letters, digits, _), "
+                              "not the key itself: export LARPO_REWARD_API_KEY=<key> and leave reward.api_key_env "
+                              "at its default, or set it to the name of the variable you exported")
         self._require(self.timeout_s > 0, "timeout_s", "> 0")
         self._require(self.max_retries >= 0, "max_retries", ">= 0")
         self._require(self.batch_size >= 1, "batch_size", ">= 1")
@@ -344,7 +353,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}. Fix the syntax: a recipe is a "
+                          f"mapping of groups to keys, as in configs/default.yaml") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

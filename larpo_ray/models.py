@@ -56,8 +56,9 @@ def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
     """A local folder path, or a cached hub id, that `from_pretrained` and vLLM can load.
 
     Always a str (hub ids are not paths). Raises ModelError for missing paths, folders that are
-    not causal LMs, and hub ids that are not cached. A path is anything starting with / . ~ or
-    with more than one "/" ("org/name" is read as a hub id unless such a folder exists).
+    not causal LMs or hold no safetensors weights, and hub ids that are not cached. A path is
+    anything starting with / . ~ or with more than one "/" ("org/name" is read as a hub id unless
+    such a folder exists).
     """
     if name_or_path == SMOLLM2:
         return str(smollm2_path())
@@ -66,6 +67,7 @@ def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         _check_causal_lm(_read_config(path), f"folder {path}", trust_remote_code)
+        require_safetensors(path, "model.name_or_path")
         return str(path.absolute())  # absolute: actors may run in another working directory
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists():
         raise ModelError(f"model path {name_or_path!r} does not exist or is not a folder; give a "
@@ -102,19 +104,37 @@ def _check_causal_lm(config: dict, where: str, trust_remote_code: bool) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as lms
 
     archs, model_type = config.get("architectures") or [], config.get("model_type")
+    code = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    # transformers runs the folder's own code only for a model_type it does not know; a known
+    # model_type with an auto_map loads the built-in class, so no code runs either way.
+    if code and model_type not in lms:
+        if not trust_remote_code:
+            raise ModelError(f"{where} is a causal LM defined by its own Python code (config.json "
+                             f"auto_map: AutoModelForCausalLM -> {code!r}), which runs only with "
+                             f"model.trust_remote_code = true: set it only if you trust that code, "
+                             f"or use a model transformers supports natively")
+        return
     if archs:
         known = set(lms.values())
         native = any(a in known or a.endswith("ForCausalLM") for a in archs)
     else:  # encoders such as BERT have an LM-head class in the mapping but need is_decoder=True
         native = model_type in lms and config.get("is_decoder", True)
-    custom = "AutoModelForCausalLM" in (config.get("auto_map") or {})
-    if custom and not native and not trust_remote_code:
-        raise ModelError(f"{where} is a causal LM defined by its own code (auto_map); set "
-                         f"trust_remote_code=True if you trust that code")
-    if not (native or custom):
+    if not native:
         raise ModelError(f"{where} is not a causal language model: config has architectures="
-                         f"{archs or None}, model_type={model_type!r}; the policy needs a "
-                         f"*ForCausalLM model")
+                         f"{archs or None}, model_type={model_type!r}; set model.name_or_path to a "
+                         f"decoder-only *ForCausalLM model (a chat/instruct LM such as SmolLM2)")
+
+
+def require_safetensors(folder: Path, key: str) -> None:
+    """Refuse a model folder without *.safetensors weights: pickled .bin/.pt files can run code
+    when loaded, so nothing here loads them (`use_safetensors=True` wherever weights load)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    found = sorted(p.name for p in folder.iterdir())[:10]
+    raise ModelError(f"{folder} ({key}) has no .safetensors weights (found: {found or 'nothing'}); "
+                     f"larpo-ray never loads pickled .bin/.pt weights, which can run code. Convert them "
+                     f"once where you trust the files: AutoModelForCausalLM.from_pretrained(folder)"
+                     f".save_pretrained(new_folder) writes safetensors")
 
 
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -166,8 +186,9 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {DTYPES}")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    # use_safetensors: never fall back to unpickling a .bin checkpoint (see require_safetensors).
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
 
 
 # --------------------------------------------------------------------------------------------

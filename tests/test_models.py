@@ -168,6 +168,7 @@ def test_non_causal_config(tmp_path, config):
 
 def test_causal_config_folder_resolves(tmp_path):
     LlamaConfig(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # resolving checks that weights exist, not their content
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
 
 
@@ -175,7 +176,8 @@ def test_remote_code_model_needs_trust(tmp_path):
     config = {"model_type": "my-lm", "architectures": ["MyModel"],
               "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="trust_remote_code=True"):
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(ModelError, match="model.trust_remote_code = true"):
         models.resolve_model(str(tmp_path))
     assert models.resolve_model(str(tmp_path), trust_remote_code=True) == str(tmp_path)
 
