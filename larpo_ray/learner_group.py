@@ -9,6 +9,12 @@ process group (no restart, no re-load). Requests go through one Ray queue per ra
 gets every request: the operations are collectives); replies come back through one shared queue.
 Weights travel as numpy arrays through the object store (zero-copy gets, ENV.md): rank 0 puts
 them and replies with the ObjectRef wrapped in a list, so the queue does not resolve it.
+
+Failures: workers start on the newest checkpoint of the run if there is one (`--resume`). When a
+worker dies or fails, Ray Train ends the group and starts it again (`faults.learner_max_failures`,
+its FailureConfig); the new workers load the newest checkpoint and the pending request raises
+`LearnerRestarted(iteration)`, on which the driver rolls back to that iteration. Requests carry
+the group's epoch, so a request left in a queue by the dead group never reaches the new one.
 This file is the only Ray code of the learner role.
 """
 
@@ -19,11 +25,12 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from abc import ABC, abstractmethod
 
 import numpy as np
 
-from larpo_ray import plan
+from larpo_ray import checkpoint, plan
 from larpo_ray.config import Config
 from larpo_ray.types import RankedList, TrainResult
 
@@ -47,22 +54,44 @@ class LearnerGroup(ABC):
     def save(self, path: str) -> None:
         """Write the policy as an HF folder (safetensors + tokenizer)."""
 
+    @abstractmethod
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        """Write the policy and every rank's optimizer state into checkpoint folder `path`."""
+
+    @property
+    def resumed_from(self) -> int:
+        """Iteration of the checkpoint the workers loaded when they (re)started (0: none)."""
+        return self._resumed_from
+
     def shutdown(self) -> None:
         """Release the workers."""
 
 
-def _worker(model_path: str, cfg: Config, rank: int, world_size: int):
+class LearnerRestarted(RuntimeError):
+    """The learner group lost a worker and Ray Train restarted it from the last checkpoint: the
+    driver rolls back to `iteration` (0: the initial policy) and continues from there."""
+
+    def __init__(self, iteration: int, cause: str):
+        super().__init__(f"learner group restarted from iteration {iteration} after: {cause}")
+        self.iteration = iteration
+
+
+def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None):
+    """A LearnerWorker on the newest checkpoint under `checkpoints` if there is one (a resumed
+    run, or a restart after a failure), else on the initial policy; and that iteration."""
     from actors.learner import LearnerWorker  # DeepSpeed: imported only where a worker is built
 
-    return LearnerWorker(model_path, cfg.model, cfg.loss, cfg.learner, cfg.loop.seed,
-                         rank=rank, world_size=world_size)
+    resume = checkpoint.latest(checkpoints) if checkpoints else None
+    worker = LearnerWorker(model_path, cfg.model, cfg.loss, cfg.learner, cfg.loop.seed,
+                           rank=rank, world_size=world_size, resume_from=resume)
+    return worker, checkpoint.read_state(resume).iteration if resume is not None else 0
 
 
 class LocalLearnerGroup(LearnerGroup):
     """One LearnerWorker in this process."""
 
-    def __init__(self, model_path: str, cfg: Config):
-        self.worker = _worker(model_path, cfg, rank=0, world_size=1)
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
+        self.worker, self._resumed_from = _worker(model_path, cfg, 0, 1, checkpoints)
 
     def train(self, iteration: int, lists: list[RankedList]) -> TrainResult:
         return self.worker.train_iteration(iteration, lists)
@@ -73,27 +102,42 @@ class LocalLearnerGroup(LearnerGroup):
     def save(self, path: str) -> None:
         self.worker.save_pretrained(path)
 
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        self.worker.save_checkpoint(path, with_optimizer)
+
 
 def _serve(config: dict) -> None:
-    """Ray Train loop of one worker: build the LearnerWorker once, then serve requests until
-    "stop". An error is replied with its traceback, then re-raised so Ray Train ends the group
-    (the other ranks may be stuck in a collective with it)."""
+    """Ray Train loop of one worker: build the LearnerWorker once (on the newest checkpoint, if
+    any), then serve requests until "stop". An error is replied with its traceback, then re-raised
+    so Ray Train ends the group (the other ranks may be stuck in a collective with it) and, while
+    `faults.learner_max_failures` allows, starts it again.
+
+    Requests are (epoch, kind, args). A new worker takes none until the driver's ("hello", its
+    nonce) assigns it the group's epoch: requests left in a queue by a group that died are
+    ignored, so no rank ever enters a collective alone."""
     import ray
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     requests, replies = config["requests"][rank], config["replies"]
+    nonce, epoch = uuid.uuid4().hex, None
     try:
-        worker = _worker(config["model_path"], config["cfg"], rank, len(config["requests"]))
-        replies.put((rank, "ready", True, None))
+        worker, iteration = _worker(config["model_path"], config["cfg"], rank,
+                                    len(config["requests"]), config["checkpoints"])
+        replies.put((rank, None, "ready", True, {"nonce": nonce, "iteration": iteration}))
         while True:
-            kind, args = requests.get()
+            req_epoch, kind, args = requests.get()
+            if kind == "hello":
+                epoch = req_epoch if args[0] == nonce else epoch
+                continue
+            if epoch is None or req_epoch != epoch:
+                continue  # sent to a group that no longer exists
             if kind == "stop":
-                replies.put((rank, kind, True, None))
+                replies.put((rank, epoch, kind, True, None))
                 return
-            replies.put((rank, kind, True, _handle(worker, rank, kind, args)))
+            replies.put((rank, epoch, kind, True, _handle(worker, rank, kind, args)))
     except BaseException:
-        replies.put((rank, "error", False, traceback.format_exc()))
+        replies.put((rank, epoch, "error", False, traceback.format_exc()))
         raise
 
 
@@ -109,6 +153,8 @@ def _handle(worker, rank: int, kind: str, args: tuple):
         return [ray.put(weights)] if rank == 0 else None
     if kind == "save":
         return worker.save_pretrained(args[0])
+    if kind == "checkpoint":
+        return worker.save_checkpoint(args[0], args[1])
     if kind == "info":  # for tests and debugging: is it the same process, and in sync?
         weights = worker.get_weights()
         checksum = float(sum(np.float64(w.astype(np.float64).sum()) for w in weights.values()))
@@ -119,9 +165,9 @@ def _handle(worker, rank: int, kind: str, args: tuple):
 class RayLearnerGroup(LearnerGroup):
     """`learner.num_workers` LearnerWorkers in a Ray Train TorchTrainer, serving requests."""
 
-    def __init__(self, model_path: str, cfg: Config):
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
         import ray
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Queue
 
@@ -135,18 +181,252 @@ class RayLearnerGroup(LearnerGroup):
         self._storage = tempfile.TemporaryDirectory(prefix="larpo-learner-")
         self._trainer = TorchTrainer(
             _serve,
-            train_loop_config={"model_path": model_path, "cfg": cfg,
+            train_loop_config={"model_path": model_path, "cfg": cfg, "checkpoints": checkpoints,
                                "requests": self._requests, "replies": self._replies},
             scaling_config=ScalingConfig(**scaling),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(storage_path=self._storage.name, name="learner"))
+            run_config=RunConfig(storage_path=self._storage.name, name="learner",
+                                 failure_config=FailureConfig(max_failures=cfg.faults.learner_max_failures)))
         self._error: BaseException | None = None
-        self._failed = False  # a rank failed: the group cannot serve further requests
+        self._failed = False  # the group ended after a failure: it cannot serve further requests
+        self._epoch = 0  # incarnation of the worker group (Ray Train restarts it after failures)
+        self._last_error: tuple[int, str] | None = None  # (rank, traceback) of the newest failure
         self._thread = threading.Thread(target=self._fit, name="learner-group", daemon=True)
         self._thread.start()
         self._ray = ray
         try:
-            self._collect("ready", START_TIMEOUT_S)
+            self._resumed_from = self._await_ready({}, START_TIMEOUT_S)
+        except BaseException:
+            self._failed = True  # do not wait for a "stop" reply: release what was started
+            self.shutdown()
+            raise
+        self.start_seconds = time.perf_counter() - start
+
+    def _fit(self) -> None:
+        try:
+            self._trainer.fit()
+        except BaseException as err:  # surfaced by the next wait in the driver
+            self._error = err
+
+    def _call(self, kind: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
+        """Send a request to every rank; the replies' payloads, ordered by rank. Raises
+        LearnerRestarted if Ray Train restarted the group meanwhile (the request is void)."""
+        for queue in self._requests:
+            queue.put((self._epoch, kind, args))
+        return self._collect(kind, timeout)
+
+    def _next_reply(self, waiting_for: str, deadline: float):
+        """The next reply; raises if the group has ended (no restarts left) or at the deadline."""
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                return self._replies.get(timeout=POLL_S)
+            except Empty:
+                if not self._thread.is_alive():
+                    self._failed = True
+                    if self._last_error is not None:
+                        rank, trace = self._last_error
+                        raise RuntimeError(f"learner rank {rank} failed during {waiting_for!r} "
+                                           f"(no restarts left: faults.learner_max_failures):\n"
+                                           f"{trace}") from self._error
+                    raise RuntimeError(f"the learner group stopped while waiting for {waiting_for!r}: "
+                                       f"{self._error!r}; see the Ray Train worker logs") from self._error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"learner request {waiting_for!r} got no reply in time; "
+                                       f"check the Ray Train worker logs") from None
+
+    def _await_ready(self, ready: dict[int, dict], timeout: float) -> int:
+        """Wait until every rank of a (re)started group reported ready, then admit it with a new
+        epoch; returns the checkpoint iteration the workers loaded (0: the initial policy)."""
+        deadline = time.monotonic() + timeout
+        while len(ready) < len(self._requests):
+            rank, _, kind, ok, payload = self._next_reply("ready", deadline)
+            if kind == "ready":
+                ready[rank] = payload  # the newest incarnation's, if several
+            elif not ok:
+                self._last_error = (rank, payload)
+        self._epoch += 1
+        for rank, queue in enumerate(self._requests):
+            queue.put((self._epoch, "hello", (ready[rank]["nonce"],)))
+        iterations = {p["iteration"] for p in ready.values()}
+        if len(iterations) != 1:
+            raise RuntimeError(f"learner ranks loaded different checkpoints {sorted(iterations)}")
+        return iterations.pop()
+
+    def _collect(self, kind: str, timeout: float) -> list:
+        """Wait for one reply per rank of the current epoch. A rank's error is held until Ray
+        Train either restarts the group (LearnerRestarted) or ends it (RuntimeError with the
+        worker's traceback)."""
+        payloads: dict[int, object] = {}
+        deadline = time.monotonic() + timeout
+        while len(payloads) < len(self._requests):
+            rank, epoch, got, ok, payload = self._next_reply(kind, deadline)
+            if got == "ready":  # Ray Train restarted the group after a failure
+                cause = self._last_error[1].strip().splitlines()[-1] if self._last_error else "a worker died"
+                self._resumed_from = self._await_ready({rank: payload}, START_TIMEOUT_S)
+                raise LearnerRestarted(self._resumed_from, cause)
+            if epoch != self._epoch:
+                continue  # from a group that no longer exists
+            if not ok:
+                self._last_error = (rank, payload)
+                continue
+            payloads[rank] = payload
+        return [payloads[r] for r in sorted(payloads)]
+
+    def train(self, iteration: int, lists: list[RankedList]) -> TrainResult:
+        """Train one LARPO iteration on `lists`; metrics are global over all workers."""
+
+    @abstractmethod
+    def get_weights(self):
+        """The policy's HF-named weights: dict[str, np.ndarray] locally, an ObjectRef on Ray."""
+
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Write the policy as an HF folder (safetensors + tokenizer)."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        """Write the policy and every rank's optimizer state into checkpoint folder `path`."""
+
+    @property
+    def resumed_from(self) -> int:
+        """Iteration of the checkpoint the workers loaded when they (re)started (0: none)."""
+        return self._resumed_from
+
+    def shutdown(self) -> None:
+        """Release the workers."""
+
+
+class LearnerRestarted(RuntimeError):
+    """The learner group lost a worker and Ray Train restarted it from the last checkpoint: the
+    driver rolls back to `iteration` (0: the initial policy) and continues from there."""
+
+    def __init__(self, iteration: int, cause: str):
+        super().__init__(f"learner group restarted from iteration {iteration} after: {cause}")
+        self.iteration = iteration
+
+
+def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None):
+    """A LearnerWorker on the newest checkpoint under `checkpoints` if there is one (a resumed
+    run, or a restart after a failure), else on the initial policy; and that iteration."""
+    from actors.learner import LearnerWorker  # DeepSpeed: imported only where a worker is built
+
+    resume = checkpoint.latest(checkpoints) if checkpoints else None
+    worker = LearnerWorker(model_path, cfg.model, cfg.loss, cfg.learner, cfg.loop.seed,
+                           rank=rank, world_size=world_size, resume_from=resume)
+    return worker, checkpoint.read_state(resume).iteration if resume is not None else 0
+
+
+class LocalLearnerGroup(LearnerGroup):
+    """One LearnerWorker in this process."""
+
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
+        self.worker, self._resumed_from = _worker(model_path, cfg, 0, 1, checkpoints)
+
+    def train(self, iteration: int, lists: list[RankedList]) -> TrainResult:
+        return self.worker.train_iteration(iteration, lists)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.worker.get_weights()
+
+    def save(self, path: str) -> None:
+        self.worker.save_pretrained(path)
+
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        self.worker.save_checkpoint(path, with_optimizer)
+
+
+def _serve(config: dict) -> None:
+    """Ray Train loop of one worker: build the LearnerWorker once (on the newest checkpoint, if
+    any), then serve requests until "stop". An error is replied with its traceback, then re-raised
+    so Ray Train ends the group (the other ranks may be stuck in a collective with it) and, while
+    `faults.learner_max_failures` allows, starts it again.
+
+    Requests are (epoch, kind, args). A new worker takes none until the driver's ("hello", its
+    nonce) assigns it the group's epoch: requests left in a queue by a group that died are
+    ignored, so no rank ever enters a collective alone."""
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    requests, replies = config["requests"][rank], config["replies"]
+    nonce, epoch = uuid.uuid4().hex, None
+    try:
+        worker, iteration = _worker(config["model_path"], config["cfg"], rank,
+                                    len(config["requests"]), config["checkpoints"])
+        replies.put((rank, None, "ready", True, {"nonce": nonce, "iteration": iteration}))
+        while True:
+            req_epoch, kind, args = requests.get()
+            if kind == "hello":
+                epoch = req_epoch if args[0] == nonce else epoch
+                continue
+            if epoch is None or req_epoch != epoch:
+                continue  # sent to a group that no longer exists
+            if kind == "stop":
+                replies.put((rank, epoch, kind, True, None))
+                return
+            replies.put((rank, epoch, kind, True, _handle(worker, rank, kind, args)))
+    except BaseException:
+        replies.put((rank, epoch, "error", False, traceback.format_exc()))
+        raise
+
+
+def _handle(worker, rank: int, kind: str, args: tuple):
+    """Run one request on one rank; the reply payload."""
+    import ray
+
+    if kind == "train":
+        iteration, lists_ref = args
+        return worker.train_iteration(iteration, ray.get(lists_ref[0]))
+    if kind == "get_weights":
+        weights = worker.get_weights()  # collective under ZeRO-3
+        return [ray.put(weights)] if rank == 0 else None
+    if kind == "save":
+        return worker.save_pretrained(args[0])
+    if kind == "checkpoint":
+        return worker.save_checkpoint(args[0], args[1])
+    if kind == "info":  # for tests and debugging: is it the same process, and in sync?
+        weights = worker.get_weights()
+        checksum = float(sum(np.float64(w.astype(np.float64).sum()) for w in weights.values()))
+        return {"pid": os.getpid(), "step": worker.global_step, "checksum": checksum}
+    raise ValueError(f"unknown learner request {kind!r}")
+
+
+class RayLearnerGroup(LearnerGroup):
+    """`learner.num_workers` LearnerWorkers in a Ray Train TorchTrainer, serving requests."""
+
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.queue import Queue
+
+        start = time.perf_counter()
+        n = cfg.learner.num_workers
+        scaling = plan.learner_scaling(cfg)  # resources per worker and the placement group's strategy
+        use_gpu = scaling["use_gpu"]
+        queue_options = {"num_cpus": 0}  # bookkeeping actors must not take the workers' CPUs
+        self._requests = [Queue(actor_options=queue_options) for _ in range(n)]
+        self._replies = Queue(actor_options=queue_options)
+        self._storage = tempfile.TemporaryDirectory(prefix="larpo-learner-")
+        self._trainer = TorchTrainer(
+            _serve,
+            train_loop_config={"model_path": model_path, "cfg": cfg, "checkpoints": checkpoints,
+                               "requests": self._requests, "replies": self._replies},
+            scaling_config=ScalingConfig(**scaling),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=self._storage.name, name="learner",
+                                 failure_config=FailureConfig(max_failures=cfg.faults.learner_max_failures)))
+        self._error: BaseException | None = None
+        self._failed = False  # the group ended after a failure: it cannot serve further requests
+        self._epoch = 0  # incarnation of the worker group (Ray Train restarts it after failures)
+        self._last_error: tuple[int, str] | None = None  # (rank, traceback) of the newest failure
+        self._thread = threading.Thread(target=self._fit, name="learner-group", daemon=True)
+        self._thread.start()
+        self._ray = ray
+        try:
+            self._resumed_from = self._await_ready({}, START_TIMEOUT_S)
         except BaseException:
             self._failed = True  # do not wait for a "stop" reply: release what was started
             self.shutdown()
@@ -204,6 +484,9 @@ class RayLearnerGroup(LearnerGroup):
     def save(self, path: str) -> None:
         self._call("save", path)
 
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        self._call("checkpoint", path, with_optimizer)
+
     def worker_info(self) -> list[dict]:
         """Per rank: pid, optimizer steps so far and a checksum of the weights (tests)."""
         return self._call("info")
@@ -212,7 +495,10 @@ class RayLearnerGroup(LearnerGroup):
         """Stop the workers' loops (fit() then returns); after a failure, wait for Ray Train to
         end the group."""
         if self._thread.is_alive() and not self._failed:
-            self._call("stop", timeout=120.0)
+            try:
+                self._call("stop", timeout=120.0)
+            except LearnerRestarted:  # restarted meanwhile: stop the new group
+                self._call("stop", timeout=120.0)
         self._thread.join(timeout=120.0)
         for queue in self._requests + [self._replies]:
             queue.shutdown()

@@ -29,6 +29,8 @@ Launch:
     python -m larpo_ray.run --loss.name listmle --generation.k 6    # dotted overrides
     python -m larpo_ray.run --eval-only --model.name_or_path runs/X/policy   # held-out metrics only
     python -m larpo_ray.run --help                   # every knob with its doc and default
+    python -m larpo_ray.run --resume runs/X          # continue after X's last checkpoint
+    python -m larpo_ray.run --resume runs/X --loop.iterations 5    # ... and run longer
     python -m larpo_ray.run --config configs/paper-mistral7b-base-contrastive.yaml --dry-run
                                                      # resource plan: actors, resources, nodes; starts nothing
 On a cluster (Ray 2.60 enables token auth by default; see README):
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from actors.reward import ScorerError
 from larpo_ray.config import Config, ConfigError, help_text, load_config
 from larpo_ray.data import DataError
 from larpo_ray.models import ModelError
@@ -61,6 +64,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--preset", help="a recipe name in configs/, e.g. tiny")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the policy on the held-out split")
     parser.add_argument("--dry-run", action="store_true", help="print the resource plan (resources.nodes) and start nothing")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last checkpoint")
     parser.add_argument("--help", "-h", action="store_true", help="list every config knob")
     return parser.parse_known_args(argv)
 
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Options: --config PATH | --preset NAME, then any of:" + help_text())
         return 0
     try:
+        if args.resume:
+            return resume(args.resume, args.config, args.preset, rest)
         cfg = load_config(args.config, args.preset, rest)
         if args.dry_run:  # the resource plan only: no Ray, no model, no run folder
             from larpo_ray.plan import format_plan, make_plan
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as err:
         print(f"larpo-ray: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except ScorerError as err:  # the reward role cannot score at all: its message names the fix
+        print(f"larpo-ray: ScorerError: {err}", file=sys.stderr)
+        return 3
 
 
 @dataclass
@@ -106,8 +115,11 @@ class Session:
         self.tracker.finish()
 
 
-def start(cfg: Config, run_dir: Path, with_learner: bool = True) -> Session:
-    """Resolve the model, load the prompts, start the roles (on Ray unless use_ray = false)."""
+def start(cfg: Config, run_dir: Path, with_learner: bool = True, wandb_id: str | None = None,
+          before_roles=None) -> Session:
+    """Resolve the model, load the prompts, start the roles (on Ray unless use_ray = false).
+    The learner starts on the newest checkpoint in RUN_DIR/checkpoints if there is one;
+    `before_roles(splits)` may refuse the run before anything heavy starts."""
     from larpo_ray.data import load_prompts
     from larpo_ray.models import load_tokenizer, resolve_model
     from larpo_ray.topology import build_runtime
@@ -116,9 +128,12 @@ def start(cfg: Config, run_dir: Path, with_learner: bool = True) -> Session:
     policy_path = str(resolve_model(cfg.model.name_or_path, cfg.model.trust_remote_code))
     splits = load_prompts(cfg.data, load_tokenizer(policy_path, cfg.model.trust_remote_code))
     print(f"larpo-ray: {len(splits.train)} train / {len(splits.eval)} held-out prompts")
-    tracker = Tracker(cfg, run_dir)
+    print(splits.report.summary())
+    if before_roles is not None:
+        before_roles(splits)
+    tracker = Tracker(cfg, run_dir, wandb_id)
     try:
-        runtime = build_runtime(cfg, policy_path, with_learner)
+        runtime = build_runtime(cfg, policy_path, with_learner, str(run_dir / "checkpoints"))
     except BaseException:
         tracker.finish()
         raise
@@ -137,9 +152,60 @@ def align(cfg: Config, eval_only: bool = False) -> int:
         if eval_only:
             evaluate_only(cfg, session.runtime, session.splits.eval, session.tracker, cfg.logging.progress)
         else:
-            run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, cfg.logging.progress)
+            run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
+                     cfg.logging.progress, run_dir)
             if cfg.loop.save_model:
                 print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, run_dir)}")
+    finally:
+        session.close()
+        print(session.tracker.table())
+    return 0
+
+
+def resume(run_dir: str, config_path: str | None, preset: str | None, overrides: list[str]) -> int:
+    """`--resume RUN_DIR`: the run's own config.yaml (or --config/--preset) plus overrides,
+    checked against the newest checkpoint, continues after it with the same W&B run. Without a
+    checkpoint the run starts over in the same folder."""
+    from larpo_ray import checkpoint
+    from larpo_ray.driver import run_loop, sample_prompts, save_final
+
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir!r}: no config.yaml there, so it is not a larpo-ray run "
+                          f"folder; give the RUN_DIR a run printed as 'run folder ...'")
+    if config_path is None and preset is None:
+        config_path = str(folder / "config.yaml")
+    cfg = load_config(config_path, preset, [*overrides, "--loop.run_dir", str(folder)])
+    latest = checkpoint.latest(folder / "checkpoints")
+    state = checkpoint.read_state(latest) if latest is not None else None
+    if state is not None:
+        checkpoint.check_compatible(state, cfg.to_dict(), latest)
+        checkpoint.set_rng_state(state.rng)
+        print(f"larpo-ray: resuming {folder} after iteration {state.iteration} ({latest.name})")
+    else:
+        print(f"larpo-ray: {folder} has no checkpoint: starting the run over in it")
+
+    def same_prompts(splits) -> None:  # data order: the checkpoint's iterations must replay
+        for s, uids in enumerate(state.prompt_uids if state else []):
+            if [p.uid for p in sample_prompts(splits.train, s, cfg)] != uids:
+                raise ConfigError(f"iteration {s + 1} of the checkpoint sampled other prompts than "
+                                  f"the data gives now: the prompt data (data.*) changed since; "
+                                  f"resume with the original data or start a new run")
+
+    cfg.save(folder / "config.yaml")
+    session = start(cfg, folder, True, state.wandb_id if state else None, same_prompts)
+    try:
+        if state is not None:
+            session.tracker.restore(state.records, state.steps)
+            if session.runtime.resumed_from != state.iteration:
+                raise RuntimeError(f"the learner loaded checkpoint {session.runtime.resumed_from}, "
+                                   f"the driver {state.iteration}")
+        else:
+            session.tracker.restore([], [])
+        run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
+                 cfg.logging.progress, folder, state)
+        if cfg.loop.save_model:
+            print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, folder)}")
     finally:
         session.close()
         print(session.tracker.table())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from larpo_ray.config import Config
 from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
 
-CALL_TIMEOUT_S = 1800.0  # one generate / score call; generous: a 7B batch on a busy GPU is slow
+CALL_TIMEOUT_S = 1800.0  # actors' start-up (vLLM loads the model)
+POLL_S = 1.0  # how often a rollout checks for hung actors
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Rollout:
     failures: dict[str, int] = field(default_factory=dict)
     generated_tokens: int = 0
     score_seconds: float = 0.0  # summed over reward-actor calls; overlaps generation on Ray
+    faults: dict[str, int] = field(default_factory=dict)  # actor failures / timeouts / re-dispatches
 
     def add(self, candidates: list[Candidate], report: ScoreReport) -> None:
         self.candidates += candidates
@@ -55,11 +58,14 @@ class Runtime(ABC):
     def __init__(self, cfg: Config, learner) -> None:
         self.cfg = cfg
         self.learner = learner
+        self.weights: tuple[int, object] | None = None  # (version, weights) the generators hold
 
     @abstractmethod
     def rollout(self, prompts: Sequence[Prompt], temperatures: list[float], iteration: int,
-                max_new_tokens: int | None = None, on_batch: Callable[[int], None] | None = None) -> Rollout:
-        """Generate len(temperatures) candidates per prompt (0.0 = greedy) and score them."""
+                max_new_tokens: int | None = None, on_batch: Callable[[int], None] | None = None,
+                seed: int | None = None) -> Rollout:
+        """Generate len(temperatures) candidates per prompt (0.0 = greedy) and score them; with a
+        `seed`, candidates depend only on (seed, prompt, slot) (actors.generator.sample_seed)."""
 
     @abstractmethod
     def load_weights(self, version: int, weights) -> list[dict]:
@@ -72,6 +78,7 @@ class Runtime(ABC):
         """Learner -> every generator; returns bytes, seconds and GB/s of the sync."""
         start = time.perf_counter()
         weights = self.learner.get_weights()
+        self.weights = (version, weights)  # kept: a restarted generator re-loads them
         reports = self.load_weights(version, weights)
         seconds = time.perf_counter() - start
         n_bytes = float(reports[0]["bytes"]) if reports else 0.0
@@ -80,23 +87,33 @@ class Runtime(ABC):
     def save_policy(self, path: str) -> None:
         self.learner.save(path)
 
+    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+        """The learner's part of a checkpoint (policy + optimizer state) into folder `path`."""
+        self.learner.save_checkpoint(path, with_optimizer)
+
+    @property
+    def resumed_from(self) -> int:
+        """Checkpoint iteration the learner (re)started from (0: the initial policy)."""
+        return self.learner.resumed_from if self.learner is not None else 0
+
     def shutdown(self) -> None:
         if self.learner is not None:
             self.learner.shutdown()
 
 
 class LocalRuntime(Runtime):
-    """Every role in this process, one after the other (no overlap)."""
+    """Every role in this process, one after the other (no overlap, no fault handling)."""
 
-    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True) -> None:
-        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg) if with_learner else None)
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
+                 checkpoints: str | None = None) -> None:
+        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg, checkpoints) if with_learner else None)
         self.generator = Generator(policy_path, cfg.generation, cfg.model)
         self.reward = RewardActor(cfg.reward, trust_remote_code=cfg.model.trust_remote_code)
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None) -> Rollout:
+    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None) -> Rollout:
         out, by_uid = Rollout(), {p.uid: p for p in prompts}
         for batch in batches(prompts, self.cfg.generation.batch_prompts):
-            cands = self.generator.generate(batch, temperatures, max_new_tokens)
+            cands = self.generator.generate(batch, temperatures, max_new_tokens, seed)
             out.add(cands, self.reward.score(by_uid, cands, iteration))
             if on_batch:
                 on_batch(len(batch))
@@ -115,56 +132,213 @@ class RayRuntime(Runtime):
 
     Prompt batches go round-robin to the generators; as soon as a batch is generated it is sent to
     a reward actor, so scoring overlaps the generation of the next batches.
+
+    Faults (`cfg.faults`): an actor whose process dies is restarted by Ray (`max_restarts`), or
+    replaced once its restarts are spent; one that returns nothing for `call_timeout_s` is killed
+    and restarted. Its unfinished batches go to the least busy actor; a restarted generator first
+    re-loads the current weight version. Results are kept per batch, so no prompt is lost or
+    counted twice, and with a seed a re-dispatched batch yields the very same candidates. An error
+    raised by the work itself (e.g. a prompt too long) is not retried: it stops the rollout.
     """
 
-    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True) -> None:
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
+                 checkpoints: str | None = None) -> None:
         import ray
 
-        gen_cls = ray.remote(Generator).options(
-            **plan.actor_options(cfg, "generator"),  # CPUs, GPUs, memory, custom resources (plan.py)
-            runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.generation.cpu_kvcache_gb)}})
-        reward_cls = ray.remote(RewardActor).options(**plan.actor_options(cfg, "reward"))
-        self.generators = [gen_cls.remote(policy_path, cfg.generation, cfg.model) for _ in range(cfg.generation.num_generators)]
-        self.rewards = [reward_cls.remote(cfg.reward, cfg.model.trust_remote_code) for _ in range(cfg.reward.num_actors)]
+        self.cfg, self.policy_path = cfg, policy_path
+        self.generators = [self._spawn("generator") for _ in range(cfg.generation.num_generators)]
+        self.rewards = [self._spawn("reward") for _ in range(cfg.reward.num_actors)]
         ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=CALL_TIMEOUT_S)
-        super().__init__(cfg, RayLearnerGroup(policy_path, cfg) if with_learner else None)
+        super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints) if with_learner else None)
+        self.stale: set[int] = set()  # generators that must re-load self.weights before generating
+        self.deaths: dict[tuple[str, int], int] = {}  # (role, slot) -> deaths of its current actor
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None) -> Rollout:
+    def _spawn(self, role: str):
+        """A new generator or reward actor with its resources (plan.py) and restart policy."""
         import ray
 
+        restarts = {"max_restarts": self.cfg.faults.actor_max_restarts, "max_task_retries": 0}
+        if role == "generator":
+            cls = ray.remote(Generator).options(
+                **plan.actor_options(self.cfg, "generator"),  # CPUs, GPUs, memory, custom resources (plan.py)
+                runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.generation.cpu_kvcache_gb)}},
+                **restarts)
+            return cls.remote(self.policy_path, self.cfg.generation, self.cfg.model)
+        cls = ray.remote(RewardActor).options(**plan.actor_options(self.cfg, "reward"), **restarts)
+        return cls.remote(self.cfg.reward, self.cfg.model.trust_remote_code)
+
+    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None) -> Rollout:
+        work = batches(prompts, self.cfg.generation.batch_prompts)
+        pool = _Dispatcher(self, work, temperatures, iteration, max_new_tokens, seed)
+        for b in range(len(work)):
+            pool.generate(b)
         out = Rollout()
-        pending: dict = {}  # generate ref -> its prompt batch
-        for i, batch in enumerate(batches(prompts, self.cfg.generation.batch_prompts)):
-            pending[self.generators[i % len(self.generators)].generate.remote(batch, temperatures, max_new_tokens)] = batch
-        scoring = []  # (score ref, candidates)
-        n_done = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=CALL_TIMEOUT_S)
-            if not ready:
-                raise TimeoutError(f"no generator answered within {CALL_TIMEOUT_S:.0f} s; check the generator actors' logs (ray logs)")
-            batch = pending.pop(ready[0])
-            cands = ray.get(ready[0])
-            actor = self.rewards[n_done % len(self.rewards)]
-            scoring.append((actor.score.remote({p.uid: p for p in batch}, cands, iteration), cands))
-            n_done += 1
-            if on_batch:
-                on_batch(len(batch))
-        for ref, cands in scoring:
-            out.add(cands, ray.get(ref, timeout=CALL_TIMEOUT_S))
+        for b, cands, report in pool.results(on_batch):
+            out.add(cands, report)
+        out.faults = dict(pool.faults)
         return out
 
     def load_weights(self, version, weights) -> list[dict]:
+        """Every generator loads `weights` (an ObjectRef to numpy arrays: a zero-copy get on this
+        node); one that is down is marked stale and loads them before its next batch."""
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
 
-        # `weights` is an ObjectRef to numpy arrays: each generator gets it zero-copy on this node.
-        return ray.get([g.load_weights.remote(version, weights) for g in self.generators], timeout=CALL_TIMEOUT_S)
+        refs = [g.load_weights.remote(version, weights) for g in self.generators]
+        reports = []
+        for i, ref in enumerate(refs):
+            try:
+                reports.append(ray.get(ref, timeout=self.cfg.faults.call_timeout_s))
+                self.stale.discard(i)
+            except (RayActorError, GetTimeoutError) as err:
+                warnings.warn(f"generator {i} could not load weights version {version} ({type(err).__name__}); "
+                              f"it will load them before its next batch")
+                self.stale.add(i)
+        return reports
 
     def shutdown(self) -> None:
         import ray
 
         super().shutdown()
         for actor in self.generators + self.rewards:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
+
+
+class _Dispatcher:
+    """One rollout's generate and score calls over the runtime's actors, with fault handling."""
+
+    def __init__(self, runtime: RayRuntime, work: list[list[Prompt]], temperatures, iteration,
+                 max_new_tokens, seed) -> None:
+        self.rt, self.work = runtime, work
+        self.args = (temperatures, max_new_tokens, seed)
+        self.iteration = iteration
+        self.calls: dict = {}  # ObjectRef -> (role, actor index, batch index, candidates)
+        self.attempts = [0] * len(work)
+        self.busy_since: dict[tuple[str, int], float] = {}  # (role, i) -> start of its current call
+        self.version = runtime.weights[0] if runtime.weights is not None else 0
+        self.down: set[tuple[str, int]] = set()  # actors whose last call failed
+        self.faults: dict[str, int] = {}
+        self.next = {"generator": 0, "reward": 0}
+
+    def actors(self, role: str) -> list:
+        return self.rt.generators if role == "generator" else self.rt.rewards
+
+    def pick(self, role: str, avoid: int | None = None) -> int:
+        """Round-robin for first dispatches; after a failure the least busy other actor."""
+        actors = self.actors(role)
+        if avoid is None:
+            i = self.next[role] % len(actors)
+            self.next[role] += 1
+            return i
+        load = [sum(1 for r, a, *_ in self.calls.values() if (r, a) == (role, i)) for i in range(len(actors))]
+        order = sorted(range(len(actors)), key=lambda i: (i == avoid and len(actors) > 1, load[i]))
+        return order[0]
+
+    def submit(self, role: str, i: int, b: int, cands=None) -> None:
+        actor = self.actors(role)[i]
+        if role == "generator":
+            if i in self.rt.stale and self.rt.weights is not None:
+                actor.load_weights.remote(*self.rt.weights)  # ordered before the generate below
+            self.rt.stale.discard(i)
+            ref = actor.generate.remote(self.work[b], *self.args)
+        else:
+            ref = actor.score.remote({p.uid: p for p in self.work[b]}, cands, self.iteration)
+        self.busy_since.setdefault((role, i), time.monotonic())
+        self.calls[ref] = (role, i, b, cands)
+
+    def generate(self, b: int, avoid: int | None = None) -> None:
+        self.submit("generator", self.pick("generator", avoid), b)
+
+    def results(self, on_batch):
+        """Yield (batch index, candidates, ScoreReport) for every batch, in completion order."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        done: set[int] = set()
+        while self.calls:
+            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=POLL_S)
+            if not ready:
+                self.kill_hung()
+                continue
+            ref = ready[0]
+            role, i, b, cands = self.calls.pop(ref)
+            try:
+                value = ray.get(ref, timeout=0)
+            except (RayActorError, GetTimeoutError) as err:
+                self.on_actor_failure(role, i, b, cands, err)
+                continue
+            self.progress(role, i)
+            self.down.discard((role, i))
+            if role == "generator" and any(c.policy_version != self.version for c in value):
+                # restarted between calls (no call failed): it held the initial weights
+                self.count("generator_stale_weights")
+                self.rt.stale.add(i)
+                self.retry(role, i, b, cands, RuntimeError(f"generator {i} answered with weights "
+                           f"version {value[0].policy_version}, expected {self.version}"))
+                continue
+            if role == "generator":
+                self.submit("reward", self.pick("reward"), b, value)
+                if on_batch:
+                    on_batch(len(self.work[b]))
+            elif b not in done:
+                done.add(b)
+                yield b, cands, value
+        if len(done) != len(self.work):  # cannot happen: every failure re-dispatches or raises
+            raise RuntimeError(f"rollout finished {len(done)} of {len(self.work)} batches")
+
+    def progress(self, role: str, i: int) -> None:
+        """Actor (role, i) finished a call: its next call (if any) starts now."""
+        if any((r, a) == (role, i) for r, a, *_ in self.calls.values()):
+            self.busy_since[(role, i)] = time.monotonic()
+        else:
+            self.busy_since.pop((role, i), None)
+
+    def kill_hung(self) -> None:
+        """Kill (for a restart) every actor busy with one call for over faults.call_timeout_s."""
+        import ray
+
+        limit = self.rt.cfg.faults.call_timeout_s
+        for (role, i), since in list(self.busy_since.items()):
+            if time.monotonic() - since > limit:
+                self.count(f"{role}_timeouts")
+                warnings.warn(f"{role} actor {i} returned nothing for {limit:.0f} s "
+                              f"(faults.call_timeout_s): killing it for a restart and re-dispatching its work")
+                ray.kill(self.actors(role)[i], no_restart=False)
+                self.busy_since[(role, i)] = time.monotonic()  # its calls now fail, not time out again
+
+    def on_actor_failure(self, role: str, i: int, b: int, cands, err: Exception) -> None:
+        """The actor died during (or before) this call: re-dispatch the batch elsewhere."""
+        key = (role, i)
+        if key not in self.down:  # its other queued calls fail too: one death, counted once
+            self.down.add(key)
+            self.count(f"{role}_failures")
+            self.rt.deaths[key] = self.rt.deaths.get(key, 0) + 1
+        if role == "generator":
+            self.rt.stale.add(i)
+        if self.rt.deaths[key] > self.rt.cfg.faults.actor_max_restarts:  # out of restarts: replace
+            self.actors(role)[i] = self.rt._spawn(role)
+            self.rt.deaths[key] = 0
+            self.down.discard(key)
+            self.count(f"{role}_replaced")
+        self.busy_since.pop(key, None)
+        self.progress(role, i)
+        self.retry(role, i, b, cands, err)
+
+    def retry(self, role: str, i: int, b: int, cands, err: Exception) -> None:
+        """Send batch b's failed call to another actor, unless it has failed max_attempts times."""
+        self.attempts[b] += 1
+        if self.attempts[b] >= self.rt.cfg.faults.max_attempts:
+            raise RuntimeError(f"prompt batch {b} ({len(self.work[b])} prompts) failed "
+                               f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
+                               f"{err}); raise faults.max_attempts or check the actors' logs (ray logs)") from err
+        self.count(f"{role}_redispatched")
+        if role == "generator":
+            self.generate(b, avoid=i)
+        else:
+            self.submit("reward", self.pick("reward", avoid=i), b, cands)
+
+    def count(self, key: str) -> None:
+        self.faults[key] = self.faults.get(key, 0) + 1
 
 
 def init_ray(cfg: Config) -> None:
@@ -187,9 +361,11 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False)
 
 
-def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True) -> Runtime:
-    """The run's roles; `with_learner=False` for evaluation-only runs (generators + scorers)."""
+def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True,
+                  checkpoints: str | None = None) -> Runtime:
+    """The run's roles; `with_learner=False` for evaluation-only runs (generators + scorers).
+    The learner starts on the newest checkpoint under `checkpoints` if there is one."""
     if not cfg.resources.use_ray:
-        return LocalRuntime(cfg, policy_path, with_learner)
+        return LocalRuntime(cfg, policy_path, with_learner, checkpoints)
     init_ray(cfg)
-    return RayRuntime(cfg, policy_path, with_learner)
+    return RayRuntime(cfg, policy_path, with_learner, checkpoints)

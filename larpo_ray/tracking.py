@@ -45,12 +45,12 @@ class Tracker:
         return self.wandb.id if self.wandb is not None else None
 
     def log(self, record: dict[str, Any], step_metrics: list[dict[str, float]] = (), samples: list[dict] = ()) -> None:
-        record = {k: _jsonable(v) for k, v in record.items()}
+        record = {k: jsonable(v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         with self.steps_path.open("a") as f:
             for step in step_metrics:
-                f.write(json.dumps({"iteration": record["iteration"], **{k: _jsonable(v) for k, v in step.items()}}) + "\n")
+                f.write(json.dumps({"iteration": record["iteration"], **{k: jsonable(v) for k, v in step.items()}}) + "\n")
         self.records.append(record)
         if self.wandb is None:
             return
@@ -65,6 +65,16 @@ class Tracker:
                 table.add_data(*row.values())
             payload["samples"] = table
         self.wandb.log(payload)
+
+    def restore(self, records: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+        """Make metrics.jsonl / steps.jsonl hold exactly these rows (a resume or a rollback to a
+        checkpoint: rows written after it are dropped, rows it has but the files lost come back).
+        Each file is replaced atomically."""
+        from larpo_ray.checkpoint import write_lines
+
+        write_lines(self.path, [json.dumps(r) for r in records])
+        write_lines(self.steps_path, [json.dumps(r) for r in steps])
+        self.records = [dict(r) for r in records]
 
     def table(self) -> str:
         """The per-iteration table printed at the end of a run."""
@@ -104,7 +114,7 @@ def _nan(value: float) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; None reads as "not measured"
     return value
