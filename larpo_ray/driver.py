@@ -253,10 +253,12 @@ def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers:
 def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
     rewards = [sc.reward for sc in rollout.scored]
     out = {"rollout/mean_reward": _mean(rewards), "rollout/n_candidates": float(len(rollout.candidates)),
+           "rollout/n_scored": float(len(rollout.scored)),
            "rollout/n_failed_scores": float(rollout.n_failed), "rollout/tokens": float(rollout.generated_tokens),
            "rollout/tokens_per_s": rollout.generated_tokens / max(wall_s, 1e-9),
            "timing/score_actor": rollout.score_seconds}
     out.update({f"rollout/failed_{k}": float(v) for k, v in rollout.failures.items()})
+    out.update({f"faults/{k}": float(v) for k, v in rollout.faults.items()})  # actor deaths, timeouts
     return out
 
 

@@ -14,6 +14,7 @@ Algorithm as implemented (Algorithm 1 of the paper; `larpo_ray/driver.py`):
                                                           over the lists, reference log-probs
                                                           computed once per iteration
         pi_{s+1} <- pi_theta; sync weights to the generators; evaluate on the held-out split
+        checkpoint RUN_DIR/checkpoints/iter-(s+1)                loop.checkpoint_every
 
 Where it departs from the paper or fills what the paper leaves open (all config knobs):
     beta = 0.1 (not given); optimizer AdamW with a per-iteration schedule (not given); ties in

@@ -259,7 +259,9 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
     learner = {"lr": 1e-3, "epochs": 2, "prompts_per_step": 4, "micro_batch_tokens": 64,
                "zero_stage": zero_stage}
     start = time.perf_counter()
-    group = RayLearnerGroup(tiny_path, Config.from_dict({"learner": {**learner, "num_workers": 2}}))
+    # no restarts: the worker's own error (below) must surface at once (restarts: test_fault_injection)
+    group = RayLearnerGroup(tiny_path, Config.from_dict({"learner": {**learner, "num_workers": 2},
+                                                         "faults": {"learner_max_failures": 0}}))
     print(f"RayLearnerGroup start (ZeRO-{zero_stage}): {time.perf_counter() - start:.1f} s")
     try:
         first = group.worker_info()
@@ -281,7 +283,7 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
         bad = [RankedList(lists[0].prompt, tuple(
             ScoredCandidate(Candidate("p0", (10**6,), "", (), 1.0, 0), r, 0) for r in (1.0, 0.0)),
             (1.0, 0.0))]
-        with pytest.raises(RuntimeError, match="failed during 'train'"):
+        with pytest.raises(RuntimeError, match="failed during 'train' \\(no restarts left"):
             group.train(2, bad)  # token id outside the vocabulary: the worker's error surfaces
     finally:
         group.shutdown()
