@@ -212,7 +212,7 @@ class _Dispatcher:
         self.rt, self.work = runtime, work
         self.args = (temperatures, max_new_tokens, seed)
         self.iteration = iteration
-        self.calls: dict = {}  # ObjectRef -> (role, actor index, batch index, candidates)
+        self.calls: dict = {}  # ObjectRef -> (role, actor index, batch index, candidates, actor id)
         self.attempts = [0] * len(work)
         self.busy_since: dict[tuple[str, int], float] = {}  # (role, i) -> start of its current call
         self.version = runtime.weights[0] if runtime.weights is not None else 0
@@ -244,7 +244,7 @@ class _Dispatcher:
         else:
             ref = actor.score.remote({p.uid: p for p in self.work[b]}, cands, self.iteration)
         self.busy_since.setdefault((role, i), time.monotonic())
-        self.calls[ref] = (role, i, b, cands)
+        self.calls[ref] = (role, i, b, cands, actor._actor_id)
 
     def generate(self, b: int, avoid: int | None = None) -> None:
         self.submit("generator", self.pick("generator", avoid), b)
@@ -261,11 +261,14 @@ class _Dispatcher:
                 self.kill_hung()
                 continue
             ref = ready[0]
-            role, i, b, cands = self.calls.pop(ref)
+            role, i, b, cands, actor_id = self.calls.pop(ref)
             try:
                 value = ray.get(ref, timeout=0)
             except (RayActorError, GetTimeoutError) as err:
-                self.on_actor_failure(role, i, b, cands, err)
+                if actor_id != self.actors(role)[i]._actor_id:  # queued on an actor since replaced
+                    self.retry(role, i, b, cands, err)
+                else:
+                    self.on_actor_failure(role, i, b, cands, err)
                 continue
             self.progress(role, i)
             self.down.discard((role, i))
