@@ -99,7 +99,8 @@ def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train:
     timing["iteration"] = sum(timing.values())
     record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
               **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
-              **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()}}
+              **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()},
+              **system_metrics()}
     steps = [{k: jsonable(v) for k, v in m.items()} for m in result.step_metrics]
     return {k: jsonable(v) for k, v in record.items()}, steps, sample_rows(lists, cfg.logging.log_samples)
 
@@ -260,6 +261,18 @@ def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
     out.update({f"rollout/failed_{k}": float(v) for k, v in rollout.failures.items()})
     out.update({f"faults/{k}": float(v) for k, v in rollout.faults.items()})  # actor deaths, timeouts
     return out
+
+
+def system_metrics() -> dict[str, float]:
+    """This machine at the end of an iteration: memory, load, the driver's own footprint (the
+    actors' share is in Ray's dashboard; W&B adds its own system charts)."""
+    import psutil
+
+    mem = psutil.virtual_memory()
+    return {"system/memory_used_gb": (mem.total - mem.available) / 2**30,
+            "system/memory_total_gb": mem.total / 2**30,
+            "system/load_1min": psutil.getloadavg()[0],
+            "system/driver_rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
 def list_metrics(stats: ListStats) -> dict[str, float]:

@@ -64,9 +64,11 @@ def test_loop_records_every_iteration_with_all_phases(local_run):
         for key in ("train/loss", "train/reward_accuracy", "eval/mean_reward", "eval/accuracy",
                     "eval/win_rate_vs_initial", "eval/pass@2", "lists/n_lists", "rollout/tokens_per_s",
                     "sync/gb_per_s", "sync/bytes", "timing/generate", "timing/lists", "timing/train",
-                    "timing/sync", "timing/eval", "timing/iteration"):
+                    "timing/sync", "timing/eval", "timing/iteration", "rollout/n_scored",
+                    "system/memory_used_gb", "system/driver_rss_gb"):
             assert key in rec, key
         assert rec["rollout/n_candidates"] == cfg.loop.prompts_per_iteration * cfg.generation.k
+        assert rec["rollout/n_scored"] == rec["rollout/n_candidates"]  # the rule scorer scores all
         assert rec["sync/bytes"] > 0
     assert 0.0 <= lines[0]["eval/accuracy"] <= 1.0 and "eval/win_rate_vs_initial" not in lines[0]
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]

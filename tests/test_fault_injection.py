@@ -31,7 +31,7 @@ def comparable(run_dir: Path) -> list[dict]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         rows.append({k: v for k, v in row.items()
-                     if not k.startswith(("timing/", "sync/", "faults/")) and "per_s" not in k and "seconds" not in k})
+                     if not k.startswith(("timing/", "sync/", "faults/", "system/")) and "per_s" not in k and "seconds" not in k})
     return rows
 
 
