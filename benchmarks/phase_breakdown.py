@@ -57,23 +57,25 @@ def run_job(preset: str, extra: list[str], run_dir: Path) -> dict:
     from larpo_ray import run
     from larpo_ray.tracking import Tracker
 
-    stamps: list[dict] = []
+    argv = PRESETS[preset] + ["--loop.run_dir", str(run_dir), "--loop.save_model", "false", *extra]
+    wall: dict = {"argv": argv, "total_s": None, "stamps": []}
     original = Tracker.log
+
+    def write() -> None:  # after every record, so a run that dies keeps its finished iterations
+        (run_dir / "wall_clock.json").write_text(json.dumps(wall, indent=2) + "\n")
 
     def stamped_log(self, record, *args, **kwargs):
         original(self, record, *args, **kwargs)
-        stamps.append({"iteration": record["iteration"], "t": time.perf_counter()})
+        wall["stamps"].append({"iteration": record["iteration"], "since_start_s": time.perf_counter() - start})
+        write()
 
     Tracker.log = stamped_log
-    argv = PRESETS[preset] + ["--loop.run_dir", str(run_dir), "--loop.save_model", "false", *extra]
     start = time.perf_counter()
     rc = run.main(argv)
-    end = time.perf_counter()
+    wall["total_s"] = time.perf_counter() - start
+    write()
     if rc != 0:
         raise RuntimeError(f"larpo_ray.run {' '.join(argv)} exited {rc}")
-    wall = {"argv": argv, "total_s": end - start,
-            "stamps": [{"iteration": s["iteration"], "since_start_s": s["t"] - start} for s in stamps]}
-    (run_dir / "wall_clock.json").write_text(json.dumps(wall, indent=2) + "\n")
     return wall
 
 
@@ -104,9 +106,10 @@ def analyse(run_dir: Path) -> dict:
     if wall:
         first, last = at.get(0), max(at.values())
         initial_eval = next((r.get("timing/eval", 0.0) for r in records if r["iteration"] == 0), 0.0)
-        out.update({"argv": wall["argv"], "total_s": wall["total_s"],
+        out.update({"argv": wall["argv"], "total_s": wall["total_s"],  # None: the run did not finish
                     "startup_s": first - initial_eval if first is not None else None,
-                    "initial_eval_s": initial_eval, "shutdown_s": wall["total_s"] - last})
+                    "initial_eval_s": initial_eval,
+                    "shutdown_s": wall["total_s"] - last if wall["total_s"] is not None else None})
     return out
 
 
@@ -136,7 +139,7 @@ def report(name: str, result: dict) -> str:
             ("(ref)", "reference", "{:.1f}"), ("(steps)", "train_steps", "{:.1f}"),
             ("(request)", "train_request_overhead", "{:.2f}"), ("sync", "sync", "{:.2f}"),
             ("eval", "eval", "{:.1f}"), ("overhead", "overhead", "{:.2f}"), ("ovh %", "overhead_fraction", "{:.1%}")]
-    head = f"== {name}: start-up {result.get('startup_s', float('nan')):.1f} s, total {result.get('total_s', float('nan')):.1f} s"
+    head = f"== {name}: start-up {result.get('startup_s') or float('nan'):.1f} s, total {result.get('total_s') or float('nan'):.1f} s"
     return head + "\n" + table(rows, cols)
 
 
