@@ -398,7 +398,8 @@ class Generator:
         start = time.perf_counter()
         self.engine.load_weights(weights)
         self._version = version
-        return {"version": version, "bytes": int(sum(a.nbytes for a in weights.values())),
+        unique = {id(a): a.nbytes for a in weights.values()}  # a tied head shares the embedding
+        return {"version": version, "bytes": int(sum(unique.values())),
                 "seconds": time.perf_counter() - start}
 
     def close(self) -> None:

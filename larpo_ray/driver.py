@@ -89,6 +89,7 @@ def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train:
     """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate. Returns the
     metrics record, the learner's per-step metrics and sample rows."""
     timing: dict[str, float] = {}
+    wall_start = time.perf_counter()
     prompts = sample_prompts(train, s, cfg)
     rollout = timed(timing, "generate", generate_and_score, cfg, runtime, prompts, s, progress)
     lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, prompts, s)
@@ -96,7 +97,8 @@ def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train:
     sync = timed(timing, "sync", runtime.sync_weights, s + 1)
     evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
     ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress)[0] if evaluated else {}
-    timing["iteration"] = sum(timing.values())
+    timing["iteration"] = time.perf_counter() - wall_start  # wall clock, checkpoint excluded
+    timing["overhead"] = timing["iteration"] - sum(v for k, v in timing.items() if k != "iteration")
     record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
               **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
               **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()},

@@ -8,7 +8,8 @@ Writes into RUN_DIR/report/:
     eval.png      held-out reward, accuracy, win-rate vs the initial policy (and Pass@N) per iteration
     loss.png      loss per learner step (RUN_DIR/steps.jsonl); without it, the per-iteration
                   mean `train/loss`
-    timings.png   seconds per phase (generate, lists, train, sync, eval) stacked per iteration
+    timings.png   seconds per phase (generate, lists, train, sync, eval, checkpoint, overhead)
+                  stacked per iteration
     summary.md    the config's key knobs, a per-iteration table, start -> end deltas, the plots
 Metrics a run did not record (accuracy on non-verifiable tasks, iterations without evaluation) are
 skipped and listed in summary.md.
@@ -38,7 +39,7 @@ from larpo_ray.models import ModelError
 from larpo_ray.tracking import TABLE_COLUMNS
 
 EVAL_KEYS = ("eval/mean_reward", "eval/accuracy", "eval/win_rate_vs_initial")
-PHASES = ("generate", "lists", "train", "sync", "eval")
+PHASES = ("generate", "lists", "train", "sync", "eval", "checkpoint", "overhead")
 KNOBS = ("model.name_or_path", "loss.name", "loss.beta", "generation.k", "generation.temperature",
          "generation.mixed_temperatures", "lists.rule", "lists.memory", "learner.lr", "learner.epochs",
          "loop.iterations")
