@@ -24,6 +24,7 @@ from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, Trai
 
 CALL_TIMEOUT_S = 1800.0  # actors' start-up (vLLM loads the model)
 POLL_S = 1.0  # how often a rollout checks for hung actors
+RESTART_BACKOFF_S = 2.0  # wait before calling an actor Ray is restarting again
 
 
 @dataclass
@@ -217,6 +218,8 @@ class _Dispatcher:
         self.busy_since: dict[tuple[str, int], float] = {}  # (role, i) -> start of its current call
         self.version = runtime.weights[0] if runtime.weights is not None else 0
         self.down: set[tuple[str, int]] = set()  # actors whose last call failed
+        self.waiting: list[tuple] = []  # (due time, role, actor, batch, candidates): actor restarting
+        self.unavailable_since: dict[int, float] = {}  # batch -> first time its actor was restarting
         self.faults: dict[str, int] = {}
         self.next = {"generator": 0, "reward": 0}
 
@@ -252,12 +255,15 @@ class _Dispatcher:
     def results(self, on_batch):
         """Yield (batch index, candidates, ScoreReport) for every batch, in completion order."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
         done: set[int] = set()
-        while self.calls:
-            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=POLL_S)
+        while self.calls or self.waiting:
+            self.resubmit_due()
+            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=POLL_S) if self.calls else ([], [])
             if not ready:
+                if not self.calls:
+                    time.sleep(POLL_S)
                 self.kill_hung()
                 continue
             ref = ready[0]
@@ -265,10 +271,16 @@ class _Dispatcher:
             try:
                 value = ray.get(ref, timeout=0)
             except (RayActorError, GetTimeoutError) as err:
-                if actor_id != self.actors(role)[i]._actor_id:  # queued on an actor since replaced
-                    self.retry(role, i, b, cands, err)
+                if actor_id == self.actors(role)[i]._actor_id:  # not an actor replaced since
+                    self.actor_down(role, i)
+                if isinstance(err, ActorUnavailableError) and self.still_patient(b):
+                    # Ray is restarting it: the call may not have run; go elsewhere now, or wait
+                    # for the restart when it is the only actor, without using an attempt
+                    self.count(f"{role}_unavailable")
+                    alone = len(self.actors(role)) == 1
+                    self.waiting.append((time.monotonic() + RESTART_BACKOFF_S * alone, role, i, b, cands))
                 else:
-                    self.on_actor_failure(role, i, b, cands, err)
+                    self.retry(role, i, b, cands, err)
                 continue
             self.progress(role, i)
             self.down.discard((role, i))
@@ -309,10 +321,11 @@ class _Dispatcher:
                 ray.kill(self.actors(role)[i], no_restart=False)
                 self.busy_since[(role, i)] = time.monotonic()  # its calls now fail, not time out again
 
-    def on_actor_failure(self, role: str, i: int, b: int, cands, err: Exception) -> None:
-        """The actor died during (or before) this call: re-dispatch the batch elsewhere."""
+    def actor_down(self, role: str, i: int) -> None:
+        """Actor (role, i) died (a call failed): count the death once, however many of its calls
+        fail; a generator's weights are gone; past its restarts, a new actor takes the slot."""
         key = (role, i)
-        if key not in self.down:  # its other queued calls fail too: one death, counted once
+        if key not in self.down:
             self.down.add(key)
             self.count(f"{role}_failures")
             self.rt.deaths[key] = self.rt.deaths.get(key, 0) + 1
@@ -325,7 +338,26 @@ class _Dispatcher:
             self.count(f"{role}_replaced")
         self.busy_since.pop(key, None)
         self.progress(role, i)
-        self.retry(role, i, b, cands, err)
+
+    def still_patient(self, b: int) -> bool:
+        """Whether batch b may keep waiting for a restarting actor (up to faults.call_timeout_s)."""
+        first = self.unavailable_since.setdefault(b, time.monotonic())
+        return time.monotonic() - first < self.rt.cfg.faults.call_timeout_s
+
+    def resubmit_due(self) -> None:
+        """Send the calls that waited for a restarting actor whose wait is over."""
+        now, later = time.monotonic(), []
+        for entry in self.waiting:
+            due, role, i, b, cands = entry
+            if due > now:
+                later.append(entry)
+            else:
+                self.count(f"{role}_redispatched")
+                if role == "generator":
+                    self.generate(b, avoid=i)
+                else:
+                    self.submit("reward", self.pick("reward", avoid=i), b, cands)
+        self.waiting = later
 
     def retry(self, role: str, i: int, b: int, cands, err: Exception) -> None:
         """Send batch b's failed call to another actor, unless it has failed max_attempts times."""
@@ -333,7 +365,8 @@ class _Dispatcher:
         if self.attempts[b] >= self.rt.cfg.faults.max_attempts:
             raise RuntimeError(f"prompt batch {b} ({len(self.work[b])} prompts) failed "
                                f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
-                               f"{err}); raise faults.max_attempts or check the actors' logs (ray logs)") from err
+                               f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
+                               f"the actors' logs (ray logs)") from err
         self.count(f"{role}_redispatched")
         if role == "generator":
             self.generate(b, avoid=i)

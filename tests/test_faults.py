@@ -106,9 +106,9 @@ def ray_local():
     ray.shutdown()
 
 
-def make(ray_local, plan: dict, **faults) -> FakeRuntime:
-    cfg = Config.from_dict({"generation": {"num_generators": 2, "batch_prompts": 2, "k": K},
-                            "reward": {"num_actors": 2},
+def make(ray_local, plan: dict, actors: int = 2, **faults) -> FakeRuntime:
+    cfg = Config.from_dict({"generation": {"num_generators": actors, "batch_prompts": 2, "k": K},
+                            "reward": {"num_actors": actors},
                             "faults": {"call_timeout_s": 5.0, "actor_max_restarts": 2, **faults}})
     script = ray_local.remote(Script).options(num_cpus=0).remote(plan)
     return FakeRuntime(cfg, script)
@@ -139,8 +139,11 @@ def test_no_fault_baseline(ray_local):
         rt.shutdown()
 
 
-def test_generator_killed_mid_generation_is_restarted_and_reloads_weights(ray_local):
-    rt = make(ray_local, {"generate": {2: "die"}})
+@pytest.mark.parametrize("actors", [2, 1])
+def test_generator_killed_mid_generation_is_restarted_and_reloads_weights(ray_local, actors):
+    """With one generator its batches wait while Ray restarts it ("unavailable"), using no
+    attempt; with two they go to the other one."""
+    rt = make(ray_local, {"generate": {2: "die"}}, actors=actors)
     try:
         rt.weights = (3, "weights-v3")
         for g in rt.generators:
