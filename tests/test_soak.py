@@ -23,15 +23,19 @@ ROLES = ("ray::Generator", "ray::RewardActor", "ray::RayTrainWorker")
 
 
 def actor_processes(driver_pid: int) -> list[tuple[str, int]]:
-    """(role, pid) of the run's actor processes: Ray names them ray::<Class> in their title."""
+    """(role, pid) of this run's actor processes: descendants of its driver (a local Ray instance
+    is started by the driver) that Ray titles ray::<Class>. Other runs' actors are never touched."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         for role in ROLES:
             if title.startswith(role):
-                found.append((role, proc.info["pid"]))
+                found.append((role, proc.pid))
     return found
 
 
@@ -47,7 +51,8 @@ def test_soak_kills_random_actors_and_loses_nothing(tmp_path):
          "--loop.iterations", str(iterations), "--generation.temperature", "1.0", "--logging.progress", "false",
          "--generation.k", str(k), "--loop.prompts_per_iteration", str(m), "--data.num_eval", str(n_eval),
          "--data.num_train", "512", "--faults.learner_max_failures", "100", "--faults.actor_max_restarts", "100"],
-        cwd=ROOT, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
+        cwd=ROOT, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own local Ray
     rng = random.Random(0)
     kills: list[str] = []
     deadline = time.monotonic() + minutes * 60
