@@ -18,11 +18,12 @@ child process, and splits every iteration's true wall-clock time into the driver
                phases (sampling prompts, building the record, metrics.jsonl + W&B logging, the
                console line)
 
-`timing/iteration` in metrics.jsonl is the SUM of the phases, not a wall-clock: this script
-stamps `Tracker.log` (patched in the child process, not in the project) and takes iteration s's
-wall time as the gap between the log of iteration s-1 (iteration 0 = the initial evaluation) and
-that of iteration s. Start-up (model, prompts, Ray, actors, learner group) and shut-down are
-reported apart from the iterations.
+The driver records each iteration's wall clock (`timing/iteration`, from sampling the prompts to
+the end of the evaluation) and `timing/overhead` = wall - phases; the checkpoint written after it
+is `timing/checkpoint`, reported apart. For runs of older versions, whose `timing/iteration` was
+the sum of the phases, this script stamps `Tracker.log` (patched in the child process) and takes
+the gap between consecutive iteration records as the wall time. Start-up (model, prompts, Ray,
+actors, learner group) and shut-down are reported apart from the iterations.
 
     python benchmarks/phase_breakdown.py                         # default model + tiny preset
     python benchmarks/phase_breakdown.py --presets tiny          # ~3 min
@@ -97,7 +98,11 @@ def analyse(run_dir: Path) -> dict:
                "generated_tokens": rec.get("rollout/tokens"), "trained_tokens": rec.get("train/tokens")}
         if row["reference"] is not None and row["train_steps"] is not None:
             row["train_request_overhead"] = row["train"] - row["reference"] - row["train_steps"]
-        if s in at and s - 1 in at:
+        if "timing/overhead" in rec:  # the driver's own wall clock
+            row["wall"], row["overhead"] = rec["timing/iteration"], rec["timing/overhead"]
+            row["checkpoint"] = rec.get("timing/checkpoint") or 0.0
+            row["overhead_fraction"] = row["overhead"] / row["wall"]
+        elif s in at and s - 1 in at:
             row["wall"] = at[s] - at[s - 1]
             row["overhead"] = row["wall"] - sum(row[p] for p in PHASES)
             row["overhead_fraction"] = row["overhead"] / row["wall"]
