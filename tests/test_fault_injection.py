@@ -67,8 +67,16 @@ def test_driver_killed_after_iteration_1_then_resumed(uninterrupted, tmp_path):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    import psutil
+
+    started = psutil.Process(proc.pid).children(recursive=True)  # its local Ray instance
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Ray's processes follow their driver (fate sharing) within seconds; wait, so the resumed run
+    # does not meet two live local instances (Ray's own tools then refuse to pick one).
+    _, alive = psutil.wait_procs(started, timeout=60)
+    for leftover in alive:
+        leftover.kill()
     assert [r["iteration"] for r in comparable(run_dir)][-1] <= 1
 
     resumed = run_cli("--resume", str(run_dir), "--logging.progress", "false")
