@@ -241,7 +241,7 @@ def test_save_pretrained_is_an_hf_folder(tiny_path, tokenizer, tmp_path):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a stray cluster
     yield ray
     ray.shutdown()
 
