@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,3 +63,48 @@ def test_weight_sync_smoke(tmp_path):
     for t in model["transports"].values():
         assert t["bytes"] == model["bytes"] > 0 and t["seconds"] > 0 and t["gb_per_s"] > 0
     assert "nccl_broadcast" in result["not_available"]
+
+
+def _run_benchmark(script: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def test_trl_baseline_smoke_without_trl(tmp_path):
+    """The larpo-ray iteration and our learner's loss against the DPO formula written out."""
+    result = _run_benchmark("trl_baseline.py", tmp_path, "--no-trl")
+    larpo = result["larpo"]
+    assert larpo["timing"]["iteration"] > 0 and larpo["n_samples"] == 2 * result["settings"]["prompts"]
+    steps = result["steps"]
+    assert steps["ours"]["steps"] >= 2 and steps["ours"]["step_s"] > 0
+    assert abs(steps["first_loss_ours_minus_formula"]) < 1e-4 and "trl" not in steps
+    assert result["machine"]["cpu_cores"] > 0
+
+
+TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
+
+
+@pytest.mark.skipif(not TRL_PYTHON.exists(), reason="no TRL venv at benchmarks/.venv-trl (benchmarks/README.md builds it)")
+def test_trl_baseline_smoke_trl_side(tmp_path):
+    """HF generate + TRL DPOTrainer in the TRL venv; TRL's first-step loss equals ours."""
+    result = _run_benchmark("trl_baseline.py", tmp_path, "--parts", "trl", "steps")
+    trl = result["trl"]
+    assert trl["timing"]["generate"] > 0 and trl["n_samples"] == 2 * result["settings"]["prompts"]
+    steps = result["steps"]
+    assert steps["pairs_from"] == "trl samples" and len(steps["trl"]["step_losses"]) == steps["ours"]["steps"]
+    assert result["summary"]["loss_target_met"] and abs(steps["first_loss_ours_minus_trl"]) <= 1e-4
+    assert steps["trl"]["step_s"] > 0 and steps["step_time_ratio"] > 0
+
+
+def test_scale_sim_smoke(tmp_path):
+    """The real RayRuntime.rollout against 1, 2, 4 simulated generators."""
+    result = _run_benchmark("scale_sim.py", tmp_path)
+    rows = result["rows"]
+    assert [r["generators"] for r in rows] == [1, 2, 4]
+    s = result["settings"]
+    for r in rows:
+        assert r["samples"] == r["generators"] * s["batches_per_generator"] * s["batch_prompts"] * s["k"]
+        assert r["wall_s"] > 0.8 * r["ideal_makespan_s"] > 0 and 0 < r["driver_cpu_ms_per_sample"] < 50
+    assert rows[-1]["samples_per_s"] > rows[0]["samples_per_s"]
