@@ -22,8 +22,9 @@ def test_gpu_learner_step_smoke(tmp_path):
 def _smoke(script: str, tmp_path) -> dict:
     """Run benchmarks/<script> --smoke and return its JSON (scripts of issue 5, CPU)."""
     out = tmp_path / f"{script}.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
-                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["smoke"] and result["machine"]["cpu_cores"] > 0 and result["machine"]["torch_threads"] > 0
     return result
@@ -67,8 +68,9 @@ def test_weight_sync_smoke(tmp_path):
 
 def _run_benchmark(script: str, tmp_path, *args: str) -> dict:
     out = tmp_path / f"{script}.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
-                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 

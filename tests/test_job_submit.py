@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,13 @@ def test_ray_job_submit_runs_the_tiny_preset(tmp_path):
     assert start.returncode == 0, start.stderr
     try:
         run_dir = tmp_path / "job-run"
-        job = _ray("job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".", "--",
-                   "python", "-m", "larpo_ray.run", "--preset", "tiny", "--loop.run_dir", str(run_dir),
-                   "--logging.progress", "false", env=env, timeout=900)
+        for _ in range(12):  # the dashboard's job agent may need a while after `ray start`
+            job = _ray("job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".", "--",
+                       "python", "-m", "larpo_ray.run", "--preset", "tiny", "--loop.run_dir", str(run_dir),
+                       "--logging.progress", "false", env=env, timeout=900)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
