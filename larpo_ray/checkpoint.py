@@ -148,24 +148,19 @@ def prune(root: Path, keep: int) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomically replace `path` with `data` as JSON (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, json.dumps(data))
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
     """Atomically replace text file `path` with `lines` (temporary file, fsync, rename)."""
+    _write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write("".join(line + "\n" for line in lines))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)

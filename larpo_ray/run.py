@@ -143,7 +143,7 @@ def start(cfg: Config, run_dir: Path, with_learner: bool = True, wandb_id: str |
 
 def align(cfg: Config, eval_only: bool = False) -> int:
     """Set up the run folder and the roles, then run the loop (or only evaluate)."""
-    from larpo_ray.driver import evaluate_only, run_loop, save_final
+    from larpo_ray.driver import evaluate_only
 
     run_dir = make_run_dir(cfg)
     cfg.save(run_dir / "config.yaml")
@@ -153,14 +153,21 @@ def align(cfg: Config, eval_only: bool = False) -> int:
         if eval_only:
             evaluate_only(cfg, session.runtime, session.splits.eval, session.tracker, cfg.logging.progress)
         else:
-            run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
-                     cfg.logging.progress, run_dir)
-            if cfg.loop.save_model:
-                print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, run_dir)}")
+            train_and_save(cfg, session, run_dir)
     finally:
         session.close()
         print(session.tracker.table())
     return 0
+
+
+def train_and_save(cfg: Config, session: Session, run_dir: Path, state=None) -> None:
+    """The LARPO loop (from `state`, a checkpoint's, if given), then the aligned policy's folder."""
+    from larpo_ray.driver import run_loop, save_final
+
+    run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
+             cfg.logging.progress, run_dir, state)
+    if cfg.loop.save_model:
+        print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, run_dir)}")
 
 
 def resume(run_dir: str, config_path: str | None, preset: str | None, overrides: list[str]) -> int:
@@ -168,7 +175,7 @@ def resume(run_dir: str, config_path: str | None, preset: str | None, overrides:
     checked against the newest checkpoint, continues after it with the same W&B run. Without a
     checkpoint the run starts over in the same folder."""
     from larpo_ray import checkpoint
-    from larpo_ray.driver import run_loop, sample_prompts, save_final
+    from larpo_ray.driver import sample_prompts
 
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file():
@@ -203,10 +210,7 @@ def resume(run_dir: str, config_path: str | None, preset: str | None, overrides:
                                    f"the driver {state.iteration}")
         else:
             session.tracker.restore([], [])
-        run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
-                 cfg.logging.progress, folder, state)
-        if cfg.loop.save_model:
-            print(f"larpo-ray: aligned policy saved to {save_final(session.runtime, folder)}")
+        train_and_save(cfg, session, folder, state)
     finally:
         session.close()
         print(session.tracker.table())
