@@ -59,7 +59,7 @@ class Runtime(ABC):
     def __init__(self, cfg: Config, learner) -> None:
         self.cfg = cfg
         self.learner = learner
-        self.weights: tuple[int, object] | None = None  # (version, weights) the generators hold
+        self.weights: tuple[int, object] | None = None  # RayRuntime: what a restarted generator re-loads
 
     @abstractmethod
     def rollout(self, prompts: Sequence[Prompt], temperatures: list[float], iteration: int,
@@ -79,7 +79,6 @@ class Runtime(ABC):
         """Learner -> every generator; returns bytes, seconds and GB/s of the sync."""
         start = time.perf_counter()
         weights = self.learner.get_weights()
-        self.weights = (version, weights)  # kept: a restarted generator re-loads them
         reports = self.load_weights(version, weights)
         seconds = time.perf_counter() - start
         n_bytes = float(reports[0]["bytes"]) if reports else 0.0
@@ -185,6 +184,7 @@ class RayRuntime(Runtime):
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        self.weights = (version, weights)  # an ObjectRef: kept for generators that restart later
         refs = [g.load_weights.remote(version, weights) for g in self.generators]
         reports = []
         for i, ref in enumerate(refs):
@@ -336,7 +336,6 @@ class _Dispatcher:
             self.rt.deaths[key] = 0
             self.down.discard(key)
             self.count(f"{role}_replaced")
-        self.busy_since.pop(key, None)
         self.progress(role, i)
 
     def still_patient(self, b: int) -> bool:
@@ -352,11 +351,7 @@ class _Dispatcher:
             if due > now:
                 later.append(entry)
             else:
-                self.count(f"{role}_redispatched")
-                if role == "generator":
-                    self.generate(b, avoid=i)
-                else:
-                    self.submit("reward", self.pick("reward", avoid=i), b, cands)
+                self.redispatch(role, i, b, cands)
         self.waiting = later
 
     def retry(self, role: str, i: int, b: int, cands, err: Exception) -> None:
@@ -367,6 +362,10 @@ class _Dispatcher:
                                f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
                                f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
                                f"the actors' logs (ray logs)") from err
+        self.redispatch(role, i, b, cands)
+
+    def redispatch(self, role: str, i: int, b: int, cands) -> None:
+        """Send batch b's call to the least busy actor of `role` other than i (if there is one)."""
         self.count(f"{role}_redispatched")
         if role == "generator":
             self.generate(b, avoid=i)
