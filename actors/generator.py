@@ -35,6 +35,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from larpo_ray import weight_transport
 from larpo_ray.config import GenerationConfig, ModelConfig
 from larpo_ray.types import Candidate, Prompt
 
@@ -93,8 +94,8 @@ def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelF
     return ModelFacts(frozenset(stop_ids), tokenizer.pad_token_id, tied)
 
 
-def as_tensors(weights: dict[str, np.ndarray], tied_embeddings: bool) -> dict:
-    """numpy state dict -> torch tensors sharing memory, minus a tied `lm_head.weight`.
+def as_tensors(weights: dict, tied_embeddings: bool) -> dict:
+    """numpy (or torch) state dict -> torch tensors sharing memory, minus a tied `lm_head.weight`.
 
     A tied model stores the head once as the input embedding, which the learner's full state
     dict also carries; loading it twice is at best redundant.
@@ -103,7 +104,8 @@ def as_tensors(weights: dict[str, np.ndarray], tied_embeddings: bool) -> dict:
 
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in weights.items()}
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+                   for name, a in weights.items()}
     if tied_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors
@@ -362,6 +364,7 @@ class Generator:
         self.engine: Engine = ENGINES[gen_cfg.engine](path, gen_cfg, model_cfg)
         self.tokenizer = load_tokenizer(path, model_cfg.trust_remote_code)
         self._version = 0
+        self._weight_group, self._weight_device = None, "cpu"  # the collective transport's, once joined
 
     @property
     def version(self) -> int:
@@ -401,6 +404,37 @@ class Generator:
         unique = {id(a): a.nbytes for a in weights.values()}  # a tied head shares the embedding
         return {"version": version, "bytes": int(sum(unique.values())),
                 "seconds": time.perf_counter() - start}
+
+    # ---- the collective weight transport (larpo_ray.weight_transport) ---------------------------
+
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> int:
+        """Become member `rank` of the learner's weight group; blocks until every member joined.
+        Returns this process's id (a restarted actor is a new process, outside the group)."""
+        import torch
+
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # this actor's GPU (Ray sets CUDA_VISIBLE_DEVICES)
+        self._weight_group = None
+        self._weight_group = weight_transport.join(addr, port, rank, world_size, backend, timeout_s)
+        self._weight_device = "cuda" if backend == "nccl" else "cpu"
+        return os.getpid()
+
+    def receive_weights(self, version: int, meta: list[weight_transport.TensorMeta], bucket_bytes: int) -> dict:
+        """Receive the weights the learner's rank 0 broadcasts, load them, take `version`."""
+        if self._weight_group is None:
+            raise RuntimeError("this generator is in no weight group (restarted since it was opened?); "
+                               "the driver re-opens the group")
+        start = time.perf_counter()
+        tensors = weight_transport.receive(self._weight_group, meta, bucket_bytes, self._weight_device)
+        received = time.perf_counter()
+        self.engine.load_weights(tensors)
+        self._version = version
+        return {"version": version, "bytes": int(sum(m.nbytes for m in meta)),
+                "seconds": time.perf_counter() - start, "receive_seconds": received - start}
+
+    def leave_weight_group(self) -> None:
+        self._weight_group = None
 
     def close(self) -> None:
         """Shut the engine down (vLLM: its engine and worker processes)."""

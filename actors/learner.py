@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from larpo_ray import weight_transport
 from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, shard, to_BK
 from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
@@ -97,17 +97,15 @@ def has_strict_pair(ranked: RankedList) -> bool:
 
 def init_distributed(world_size: int, backend: str) -> None:
     """Join torch.distributed through DeepSpeed. Ray Train has already built the process group
-    for world_size > 1; a single in-process worker gets single-process defaults on a free port."""
+    for world_size > 1; a single in-process worker gets a one-rank group on an in-memory store.
+    No port and no MASTER_* variables: a port written to os.environ would be inherited by child
+    processes, whose own single-rank group would then fail with EADDRINUSE."""
     if not dist.is_initialized():
         if world_size != 1:
             raise RuntimeError(f"world_size = {world_size} needs an initialized process group: "
                                "run the workers through RayLearnerGroup (Ray Train)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            os.environ.setdefault(key, value)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
@@ -131,6 +129,7 @@ class LearnerWorker:
         policy (the reference when loss.reference = initial)."""
         self.cfg, self.loss_cfg, self.seed = learner_cfg, loss_cfg, seed
         self.rank, self.world_size = rank, world_size
+        self._weight_store = self._weight_group = None  # rank 0's weight broadcast group, once opened
         init_distributed(world_size, "nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise RuntimeError(f"process group is rank {dist.get_rank()} of "
@@ -342,6 +341,68 @@ class LearnerWorker:
                     by_id[id(tensor)] = data.cpu().numpy().copy()  # detach from live params
             out[name] = by_id[id(tensor)]
         return out
+
+    # ---- weight broadcast (larpo_ray.weight_transport) -------------------------------------------
+
+    def _unique_weights(self):
+        """(name, tensor) of the state dict, each tensor once (a tied head goes as the embedding)."""
+        seen: set[int] = set()
+        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield name, tensor
+
+    def weight_meta(self) -> list[weight_transport.TensorMeta]:
+        """What `broadcast_weights` sends, in order, in the module's dtype (bf16 stays bf16)."""
+        return [weight_transport.meta_of(name, t, getattr(t, "ds_shape", None))
+                for name, t in self._unique_weights()]
+
+    def open_weight_group(self, timeout_s: float) -> int:
+        """Rank 0: serve the rendezvous store of a new weight group; its port."""
+        self.close_weight_group()
+        self._weight_store, port = weight_transport.open_endpoint(timeout_s)
+        return port
+
+    def join_weight_group(self, world_size: int, backend: str, timeout_s: float) -> str | None:
+        """Rank 0: join as the sender once every generator joined; None, or why it could not (a
+        generator that never came: reported, not raised, so the learner group stays up)."""
+        try:
+            self._weight_group = weight_transport.join("", 0, 0, world_size, backend, timeout_s,
+                                                       store=self._weight_store)
+        except RuntimeError as err:  # gloo's connect timeout / a peer that went away
+            self.close_weight_group()
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    def close_weight_group(self) -> None:
+        self._weight_group = self._weight_store = None
+
+    def broadcast_weights(self, meta: list[weight_transport.TensorMeta], bucket_bytes: int) -> dict:
+        """Rank 0 broadcasts the policy to the weight group; every rank must call it (ZeRO-3
+        gathers each parameter collectively). A failed broadcast (a generator died) closes the
+        group and is reported, not raised: the learner group stays up, the driver falls back."""
+        start = time.perf_counter()
+
+        def gathered():
+            for name, tensor in self._unique_weights():
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    # a ZeRO-3 parameter is re-partitioned when the block ends: keep a copy
+                    yield name, tensor.detach().clone() if hasattr(tensor, "ds_id") else tensor.detach()
+
+        source = gathered()
+        if self.rank != 0 or self._weight_group is None:
+            for _ in source:  # only the collective gathers
+                pass
+            return {"bytes": 0, "seconds": time.perf_counter() - start,
+                    "error": None if self.rank != 0 else "no weight group: open and join one first"}
+        try:
+            n_bytes, error = weight_transport.send(self._weight_group, meta, source, bucket_bytes), None
+        except (RuntimeError, ValueError) as err:  # gloo/NCCL errors are RuntimeErrors
+            n_bytes, error = 0, f"{type(err).__name__}: {err}"
+            self.close_weight_group()
+            for _ in source:  # the other ranks are still in the gathers
+                pass
+        return {"bytes": n_bytes, "seconds": time.perf_counter() - start, "error": error}
 
     def save_pretrained(self, path: str | Path) -> None:
         """An HF folder (safetensors + tokenizer) at `path`, written by rank 0 (collective).

@@ -114,8 +114,8 @@ def run_larpo(s: dict, work: Path) -> dict:
 def run_trl(mode: str, job: dict, work: Path, trl_python: Path) -> dict:
     job_path, out_path = work / f"trl_{mode}_job.json", work / f"trl_{mode}_result.json"
     job_path.write_text(json.dumps(job))
-    # Not the torch.distributed variables our in-process learner set: accelerate would join that group.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Not LOCAL_RANK (set for DeepSpeed by our in-process learner): accelerate reads it.
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
     start = time.perf_counter()
     proc = subprocess.run([str(trl_python), str(ROOT / "benchmarks" / "trl_side.py"), mode, str(job_path), str(out_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True)

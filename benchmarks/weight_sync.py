@@ -15,6 +15,11 @@ The weights are the policy's full state dict as numpy arrays with HF names, as t
     hf_load_state_dict  `Generator(engine="hf").load_weights`: `load_state_dict` into the
                    in-process HF model.
 
+    gloo_broadcast `larpo_ray.weight_transport` (generation.weight_transport = gloo): this
+                   process as the learner's rank 0 broadcasts the unique tensors in buckets of
+                   --bucket-mb over a gloo group to a Ray actor, which unpacks them as tensors.
+                   Over TCP, so it works across nodes (the object store's zero-copy does not).
+
 NCCL broadcast and CUDA IPC (vLLM's weight-transfer API, `VLLMEngine._load_native`) need GPUs:
 not measured on a CPU machine, and the JSON says so. GB/s = bytes / seconds; bytes = the unique
 bytes of the state dict (a tied head counted once; Generator.load_weights reports the keyed sum).
@@ -36,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_environment, describe, save, table  # noqa: E402
 
-TRANSPORTS = ("object_store", "vllm_shm", "hf_load_state_dict")
+TRANSPORTS = ("object_store", "gloo_broadcast", "vllm_shm", "hf_load_state_dict")
 NOT_AVAILABLE = {
     "nccl_broadcast": "needs CUDA GPUs (NCCL); this machine has none, so it is not measured",
     "cuda_ipc": "vLLM's weight-transfer API with the IPC backend (VLLMEngine._load_native) needs a "
@@ -71,6 +76,18 @@ class Receiver:
         tensors = as_tensors(weights, tied_embeddings=False)
         return time.perf_counter() - start + 0.0 * len(tensors)
 
+    def join(self, port: int, world_size: int) -> None:
+        from larpo_ray import weight_transport
+
+        self.group = weight_transport.join("127.0.0.1", port, 1, world_size, "gloo", 120)
+
+    def receive_broadcast(self, meta: list, bucket_bytes: int) -> float:
+        from larpo_ray import weight_transport
+
+        start = time.perf_counter()
+        tensors = weight_transport.receive(self.group, meta, bucket_bytes)
+        return time.perf_counter() - start + 0.0 * len(tensors)
+
     def ping(self) -> int:
         return os.getpid()
 
@@ -91,6 +108,36 @@ def bench_object_store(weights: dict, reps: int) -> list[dict]:
             t2 = time.perf_counter()
             del ref
             out.append({"seconds": t2 - t0, "put_s": t1 - t0, "receive_s": t2 - t1, "actor_wrap_s": wrap_s})
+        return out[1:]
+    finally:
+        ray.shutdown()
+
+
+def bench_gloo(weights: dict, reps: int, bucket_mb: int) -> list[dict]:
+    import ray
+    import torch
+
+    from larpo_ray import weight_transport
+
+    named = [(name, torch.from_numpy(a)) for name, a in {id(a): (n, a) for n, a in weights.items()}.values()]
+    meta = [weight_transport.meta_of(name, t) for name, t in named]
+    bucket = bucket_mb << 20
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(Receiver).options(num_cpus=0).remote()
+        ray.get(actor.ping.remote())
+        store, port = weight_transport.open_endpoint(120)
+        joined = actor.join.remote(port, 2)
+        group = weight_transport.join("", 0, 0, 2, "gloo", 120, store=store)
+        ray.get(joined)
+        out = []
+        for _ in range(reps + 1):  # the first round is a warm-up
+            t0 = time.perf_counter()
+            received = actor.receive_broadcast.remote(meta, bucket)
+            weight_transport.send(group, meta, named, bucket)
+            t1 = time.perf_counter()
+            receive_s = ray.get(received)
+            out.append({"seconds": time.perf_counter() - t0, "put_s": t1 - t0, "receive_s": receive_s})
         return out[1:]
     finally:
         ray.shutdown()
@@ -137,6 +184,8 @@ def bench_model(model: str, args) -> dict:
     for transport in args.transports:
         if transport == "object_store":
             reps = bench_object_store(weights, args.reps)
+        elif transport == "gloo_broadcast":
+            reps = bench_gloo(weights, args.reps, args.bucket_mb)
         else:
             engine = "vllm" if transport == "vllm_shm" else "hf"
             reps, startup[transport] = bench_generator(model, engine, weights, args.reps, args)
@@ -157,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per transport (after one warm-up)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--bucket-mb", type=int, default=256, help="gloo_broadcast: MB per bucket (generation.weight_bucket_mb)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repetition (CI)")
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/weight_sync_<machine>_<date>.json)")
     args = parser.parse_args(argv)

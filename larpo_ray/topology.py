@@ -152,6 +152,8 @@ class RayRuntime(Runtime):
         super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints) if with_learner else None)
         self.stale: set[int] = set()  # generators that must re-load self.weights before generating
         self.deaths: dict[tuple[str, int], int] = {}  # (role, slot) -> deaths of its current actor
+        self._weight_group: tuple | None = None  # gloo / nccl: (learner epoch, generator pids) it was opened for
+        self._weight_meta: list | None = None  # what the learner broadcasts (names, shapes, dtypes)
 
     def _spawn(self, role: str):
         """A new generator or reward actor with its resources (plan.py) and restart policy."""
@@ -197,12 +199,87 @@ class RayRuntime(Runtime):
                 self.stale.add(i)
         return reports
 
+    def current_weights(self) -> tuple[int, object]:
+        """(version, ObjectRef) for a generator that missed the last sync. After a gloo / nccl
+        sync no ref exists: it is fetched from the learner once, when first needed."""
+        version, ref = self.weights
+        if ref is None:
+            ref = self.learner.get_weights()
+            self.weights = (version, ref)
+        return version, ref
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """object_store: the learner's rank 0 puts numpy arrays once; every generator reads them
+        (zero-copy on its node). gloo / nccl: rank 0 broadcasts to every generator in a group of
+        their own (larpo_ray.weight_transport), opened at the first sync and re-opened when a
+        member restarted. If a broadcast fails (a generator died during it), this sync falls back
+        to the object store and the next one re-opens the group."""
+        transport = self.cfg.generation.weight_transport
+        if transport == "object_store" or self.learner is None:
+            return super().sync_weights(version)
+        start = time.perf_counter()
+        try:
+            reports = self._broadcast(version)
+        except WeightSyncFailed as err:
+            warnings.warn(f"{transport} weight sync of version {version} failed ({err}); falling back to "
+                          f"the object store; the group re-opens at the next sync")
+            self._weight_group = None
+            return {**super().sync_weights(version), "fallbacks": 1.0}
+        seconds = time.perf_counter() - start
+        self.weights = (version, None)
+        self.stale.clear()
+        n_bytes = float(reports[0]["bytes"])
+        return {"bytes": n_bytes, "seconds": seconds, "fallbacks": 0.0,
+                "gb_per_s": n_bytes * len(reports) / max(seconds, 1e-9) / 1e9}
+
+    def _broadcast(self, version: int) -> list[dict]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        bucket = self.cfg.generation.weight_bucket_mb << 20
+        timeout = self.cfg.faults.call_timeout_s
+        try:
+            self._open_weight_group(timeout)
+            refs = [g.receive_weights.remote(version, self._weight_meta, bucket) for g in self.generators]
+            sent = self.learner.broadcast_weights(self._weight_meta, bucket)
+            if sent["error"]:
+                raise WeightSyncFailed(f"learner rank 0: {sent['error']}")
+            return ray.get(refs, timeout=timeout)
+        except (RayError, GetTimeoutError) as err:  # a generator died, restarts or hangs
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise WeightSyncFailed(f"a generator: {type(err).__name__}: {first_line}") from err
+
+    def _open_weight_group(self, timeout: float) -> None:
+        """The learner's rank 0 and every generator in one group, unless the current one still
+        has the same members (no learner restart, no generator restart since)."""
+        import ray
+
+        members = (self.learner.epoch, tuple(ray.get([g.ping.remote() for g in self.generators], timeout=timeout)))
+        if self._weight_group == members:
+            return
+        self._weight_group = None
+        if self._weight_meta is None:
+            self._weight_meta = self.learner.weight_meta()
+        backend, world = self.cfg.generation.weight_transport, len(self.generators) + 1
+        addr, port = self.learner.open_weight_group(timeout)
+        joins = [g.join_weight_group.remote(addr, port, i + 1, world, backend, timeout)
+                 for i, g in enumerate(self.generators)]
+        error = self.learner.join_weight_group(world, backend, timeout)  # returns once all joined
+        if error:
+            raise WeightSyncFailed(f"learner rank 0 could not open the group: {error}")
+        ray.get(joins, timeout=timeout)
+        self._weight_group = members
+
     def shutdown(self) -> None:
         import ray
 
         super().shutdown()
         for actor in self.generators + self.rewards:
             ray.kill(actor, no_restart=True)
+
+
+class WeightSyncFailed(RuntimeError):
+    """A gloo / nccl broadcast did not reach every generator (RayRuntime falls back)."""
 
 
 class _Dispatcher:
@@ -241,7 +318,7 @@ class _Dispatcher:
         actor = self.actors(role)[i]
         if role == "generator":
             if i in self.rt.stale and self.rt.weights is not None:
-                actor.load_weights.remote(*self.rt.weights)  # ordered before the generate below
+                actor.load_weights.remote(*self.rt.current_weights())  # ordered before the generate below
             self.rt.stale.discard(i)
             ref = actor.generate.remote(self.work[b], *self.args)
         else:

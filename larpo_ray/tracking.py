@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None):
         return None
     import wandb
 
+    # The run gets a W&B service of its own. One inherited from a parent process (its address in
+    # WANDB_SERVICE, e.g. a notebook or test runner that used wandb) outlives a killed driver and
+    # keeps holding the run id, so `--resume` would fail with "run ID ... is in use".
+    os.environ.pop("WANDB_SERVICE", None)
     for attempt in range(WANDB_IN_USE_TRIES):
         try:
             run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,

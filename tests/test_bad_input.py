@@ -5,7 +5,6 @@ config.yaml. Unit-level cases live beside their modules (test_config, test_data,
 test_reward, test_lists); serving is tested with larpo_ray/serve.py."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -178,11 +177,8 @@ def test_reward_server_down_stops_the_run_naming_the_server_and_the_fix(tmp_path
             "--loop.iterations", "1", "--data.num_eval", "2", "--reward.kind", "http", "--reward.url", url,
             "--reward.max_retries", "0", "--logging.wandb_mode", "disabled", "--logging.progress", "false",
             "--loop.run_dir", str(run)]
-    # An in-process learner earlier in this pytest process leaves MASTER_PORT (its live process
-    # group's port) in os.environ: the child must pick its own.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "larpo_ray.run", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=600)
     assert proc.returncode != 0
     for message in (url, "is down or too slow", "connection failed", "reward.timeout_s / reward.max_retries"):
         assert message in proc.stderr, proc.stderr[-3000:]

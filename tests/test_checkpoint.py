@@ -4,6 +4,8 @@ trip, and an exact learner resume (in-process, tiny model)."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,23 @@ def test_learner_refuses_a_checkpoint_of_another_shape(tmp_path, tiny_model_path
     checkpoint.write_json(ckpt / "state.json", LoopState(iteration=1).to_json())
     with pytest.raises(RuntimeError, match="ZeRO stage 0.*same learner.num_workers and learner.zero_stage"):
         LocalLearnerGroup(tiny_model_path, make_cfg(zero_stage=1), checkpoints=str(tmp_path))
+
+
+def test_resumed_wandb_run_ignores_a_w_and_b_service_inherited_from_the_parent(tmp_path):
+    """A driver started from a process that used wandb inherits its service's address
+    (WANDB_SERVICE). That service outlives a killed driver and holds the run id, so the resumed
+    driver must start its own: here the inherited address points nowhere, and the run still opens
+    (offline) under the checkpoint's id."""
+    script = (
+        "import pathlib, sys\n"
+        "from larpo_ray.config import Config\n"
+        "from larpo_ray.tracking import Tracker\n"
+        "cfg = Config(); cfg.logging.wandb_mode = 'offline'\n"
+        "t = Tracker(cfg, pathlib.Path(sys.argv[1]), wandb_id='abc123')\n"
+        "t.log({'iteration': 0, 'train/loss': 0.5}); t.finish(); print(t.wandb_id)\n")
+    env = dict(os.environ, WANDB_SERVICE="3-1-tcp-localhost-1", WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("abc123")
+    assert [p.name.endswith("abc123") for p in (tmp_path / "wandb").glob("offline-run-*")] == [True]

@@ -7,7 +7,11 @@ accumulation gives the same update, and 2 data-parallel workers give the 1-worke
 """
 
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +76,19 @@ def assert_weights_close(a: dict, b: dict, atol: float, lr: float = 1e-3, steps:
 
 
 # ---- fast: one in-process worker ---------------------------------------------------------------
+
+
+def test_in_process_learner_leaves_no_port_for_child_processes(tiny_path):
+    """The one-rank group lives on an in-memory store: no MASTER_PORT in os.environ, so a child
+    process (a benchmark, a subprocess run) starts its own one-rank group instead of failing
+    with EADDRINUSE on the parent's live port (a CI failure before)."""
+    LocalLearnerGroup(tiny_path, make_cfg())
+    assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} & set(os.environ)
+    child = ("from actors.learner import init_distributed; import torch.distributed as dist; "
+             "init_distributed(1, 'gloo'); assert dist.get_world_size() == 1")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_training_changes_every_parameter(tiny_path, tokenizer):
