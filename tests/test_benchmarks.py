@@ -60,7 +60,7 @@ def test_learner_smoke(tmp_path):
 def test_weight_sync_smoke(tmp_path):
     result = _smoke("weight_sync.py", tmp_path)
     (model,) = result["models"]
-    assert set(model["transports"]) == {"object_store", "vllm_shm", "hf_load_state_dict"}
+    assert set(model["transports"]) == {"object_store", "gloo_broadcast", "vllm_shm", "hf_load_state_dict"}
     for t in model["transports"].values():
         assert t["bytes"] == model["bytes"] > 0 and t["seconds"] > 0 and t["gb_per_s"] > 0
     assert "nccl_broadcast" in result["not_available"]
