@@ -204,7 +204,7 @@ class VLLMEngine:
         fd, path = tempfile.mkstemp(prefix="larpo-weights-", suffix=".safetensors", dir=folder)
         os.close(fd)
         try:
-            save_file(tensors, path)
+            save_file({name: t.cpu() for name, t in tensors.items()}, path)  # nccl: received on the GPU
             self.llm.collective_rpc(_reload, args=(path,))
         finally:
             os.unlink(path)

@@ -461,8 +461,13 @@ def test_ctrl_c_shuts_down_cleanly(server):
     """Last in the module: it stops the shared server."""
     import psutil
 
-    children = psutil.Process(server.proc.pid).children(recursive=True)
-    names = " ".join(" ".join(c.cmdline()) for c in children)
+    deadline = time.monotonic() + 120
+    while True:  # a vLLM engine process takes its title (VLLM::EngineCore) once started
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        names = " ".join(" ".join(_cmdline(c)) for c in children)
+        if ("ServeReplica" in names and "EngineCore" in names) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert "ServeReplica" in names and "EngineCore" in names, names
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=120) == 0
@@ -471,3 +476,12 @@ def test_ctrl_c_shuts_down_cleanly(server):
     assert not alive, [p.pid for p in alive]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:  # ended meanwhile
+        return []

@@ -33,7 +33,9 @@ def assert_generators_hold_the_learners_weights(ray, rt) -> None:
 
 
 @pytest.mark.slow
-def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny_model_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny_model_path, zero_stage):
+    """ZeRO-3: every rank gathers each parameter for rank 0 to send."""
     import ray
 
     from larpo_ray.config import load_config
@@ -42,7 +44,7 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
 
     cfg = load_config(None, "tiny", ["--generation.engine", "hf", "--generation.num_generators", "2",
                                      "--generation.weight_transport", "gloo", "--generation.weight_bucket_mb", "1",
-                                     "--learner.lr", "1e-3", "--faults.call_timeout_s", "120", "--faults.actor_max_restarts", "0", "--generation.batch_prompts", "2", "--resources.generator_cpus", "0.25",
+                                     "--learner.lr", "1e-3", "--learner.zero_stage", str(zero_stage), "--faults.call_timeout_s", "120", "--faults.actor_max_restarts", "0", "--generation.batch_prompts", "2", "--resources.generator_cpus", "0.25",
                                      "--logging.wandb_mode", "disabled"])
     tokenizer = load_tokenizer(tiny_model_path)
     lists = make_lists(tokenizer, 8)
