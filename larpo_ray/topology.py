@@ -470,7 +470,19 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address)
         return
     local = plan.local_node(cfg).capacity
-    ray.init(num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False)
+    ray.init(num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "larpo_ray.topology.quiet_without_dashboard"})
+
+
+def quiet_without_dashboard() -> None:
+    """Runs in every worker of a local instance (started without the dashboard, to spare the
+    cores). Ray Train's PlacementGroupCleaner asks the dashboard's state API every second whether
+    the controller lives and, with no dashboard, warns "Failed to query Ray Train Controller actor
+    state" each time: about 40 lines a minute on the console. Its warnings are dropped here; its
+    errors stay. (On a cluster the dashboard runs and the cleaner works.)"""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True,
