@@ -433,9 +433,6 @@ class Generator:
         return {"version": version, "bytes": int(sum(m.nbytes for m in meta)),
                 "seconds": time.perf_counter() - start, "receive_seconds": received - start}
 
-    def leave_weight_group(self) -> None:
-        self._weight_group = None
-
     def close(self) -> None:
         """Shut the engine down (vLLM: its engine and worker processes)."""
         self.engine.close()

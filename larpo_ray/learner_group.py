@@ -165,8 +165,6 @@ def _handle(worker, rank: int, kind: str, args: tuple):
         return worker.join_weight_group(*args) if rank == 0 else None
     if kind == "weight_broadcast":
         return worker.broadcast_weights(*args)  # every rank: ZeRO-3 gathers are collective
-    if kind == "weight_close":
-        return worker.close_weight_group()
     if kind == "info":  # for tests and debugging: is it the same process, and in sync?
         weights = worker.get_weights()
         checksum = float(sum(np.float64(w.astype(np.float64).sum()) for w in weights.values()))
@@ -277,10 +275,9 @@ class RayLearnerGroup(LearnerGroup):
                 rank, epoch, got, ok, payload = self._next_reply(kind, deadline)
             except TimeoutError as err:
                 raise TimeoutError(f"{err} (group epoch {self._epoch}: ranks {sorted(payloads)} of "
-                                   f"{len(self._requests)} replied; last error: "
-                                   f"{self._last_error[1].strip().splitlines()[-1] if self._last_error else None})") from None
+                                   f"{len(self._requests)} replied; last error: {self._last_error_line()})") from None
             if got == "ready":  # Ray Train restarted the group after a failure
-                cause = self._last_error[1].strip().splitlines()[-1] if self._last_error else "a worker died"
+                cause = self._last_error_line() or "a worker died"
                 self._resumed_from = self._await_ready({rank: payload}, START_TIMEOUT_S)
                 raise LearnerRestarted(self._resumed_from, cause)
             if epoch != self._epoch:
@@ -290,6 +287,10 @@ class RayLearnerGroup(LearnerGroup):
                 continue
             payloads[rank] = payload
         return [payloads[r] for r in sorted(payloads)]
+
+    def _last_error_line(self) -> str | None:
+        """The last line of the newest worker traceback (the exception), if any."""
+        return self._last_error[1].strip().splitlines()[-1] if self._last_error else None
 
     def train(self, iteration: int, lists: list[RankedList]) -> TrainResult:
         lists_ref = self._ray.put(lists)  # stored once, read by every rank
@@ -325,9 +326,6 @@ class RayLearnerGroup(LearnerGroup):
     def broadcast_weights(self, meta: list, bucket_bytes: int) -> dict:
         """{bytes, seconds, error} of rank 0's broadcast (error: None, or why it failed)."""
         return self._call("weight_broadcast", meta, bucket_bytes)[0]
-
-    def close_weight_group(self) -> None:
-        self._call("weight_close")
 
     def worker_info(self) -> list[dict]:
         """Per rank: pid, optimizer steps so far and a checksum of the weights (tests)."""
