@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from larpo_ray.config import Config
-
-WANDB_IN_USE_TRIES = 12  # resuming: wait up to a minute for a killed run's W&B service to let go
 
 TABLE_COLUMNS = (
     ("iter", "iteration", "{:>4d}"),
@@ -107,17 +104,9 @@ def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None):
     # WANDB_SERVICE, e.g. a notebook or test runner that used wandb) outlives a killed driver and
     # keeps holding the run id, so `--resume` would fail with "run ID ... is in use".
     os.environ.pop("WANDB_SERVICE", None)
-    for attempt in range(WANDB_IN_USE_TRIES):
-        try:
-            run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
-                             name=cfg.logging.run_name or run_dir.name, mode=cfg.logging.wandb_mode,
-                             dir=str(run_dir), config=cfg.to_dict(), id=wandb_id,
-                             resume="allow" if wandb_id else None)
-            break
-        except Exception as err:  # a killed run's W&B service may hold its id for a few seconds
-            if not (wandb_id and "in use" in str(err)) or attempt == WANDB_IN_USE_TRIES - 1:
-                raise
-            time.sleep(5)
+    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+                     name=cfg.logging.run_name or run_dir.name, mode=cfg.logging.wandb_mode,
+                     dir=str(run_dir), config=cfg.to_dict(), id=wandb_id, resume="allow" if wandb_id else None)
     run.define_metric("iteration")
     run.define_metric("learner_step")
     for prefix in ("train", "eval", "timing", "lists", "sync", "rollout", "system", "faults"):

@@ -125,8 +125,8 @@ def send(group, meta: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.T
             if got != meta[i]:
                 raise ValueError(f"weight {i} to send is {got}, but the receivers expect {meta[i]}: "
                                  f"the model's parameters changed since the metadata was taken")
-            flat = tensor.detach().reshape(-1)
-            parts.append(flat if device is None else flat.to(device))
+            part = tensor.detach().reshape(-1)
+            parts.append(part if device is None else part.to(device))
         flat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
         _broadcast(group, flat)
         sent += flat.numel() * flat.element_size()
