@@ -40,7 +40,7 @@ from larpo_ray import weight_transport
 from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, shard, to_BK
 from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
-from larpo_ray.losses import LOSSES
+from larpo_ray.losses import LOSSES, best_nll
 from larpo_ray.models import load_causal_lm, load_tokenizer
 from larpo_ray.types import RankedList, TrainResult
 
@@ -310,8 +310,14 @@ class LearnerWorker:
         policy_BK = to_BK(self._logps(self.engine, batch), batch.seq_index_BK.to(self.engine.device))
         ref_N = torch.cat(ref).to(policy_BK.device)
         ref_BK = to_BK(ref_N, batch.seq_index_BK.to(policy_BK.device))
-        loss, metrics = self.loss_fn(policy_BK, ref_BK, batch.labels_BK.to(policy_BK.device),
-                                     batch.mask_BK.to(policy_BK.device))
+        labels_BK, mask_BK = batch.labels_BK.to(policy_BK.device), batch.mask_BK.to(policy_BK.device)
+        loss, metrics = self.loss_fn(policy_BK, ref_BK, labels_BK, mask_BK)
+        if self.loss_cfg.sft_weight:  # + weight * NLL of each list's best candidate (losses.best_nll)
+            lengths_BK = torch.ones(policy_BK.shape, dtype=policy_BK.dtype, device=policy_BK.device)
+            if not self.loss_cfg.length_normalize:  # per-token: divide the summed log-probs
+                for b, lst in enumerate(lists):
+                    lengths_BK[b, :len(lst.candidates)] = torch.tensor([len(c.candidate.token_ids) for c in lst.candidates])
+            loss = loss + self.loss_cfg.sft_weight * best_nll(policy_BK, lengths_BK, labels_BK, mask_BK)
         return loss, {**metrics, "tokens": float(batch.num_tokens)}
 
     def _grad_norm(self) -> float:

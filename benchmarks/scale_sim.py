@@ -148,6 +148,7 @@ class SimRuntime(RayRuntime):
     def __init__(self, cfg: Config, generators: list, rewards: list):
         Runtime.__init__(self, cfg, learner=None)
         self.policy_path = "simulated"  # only read when an actor must be replaced (_spawn)
+        self.log_dir = None  # simulated actors write no log files
         self.generators, self.rewards = generators, rewards
         self.stale, self.deaths = set(), {}
 

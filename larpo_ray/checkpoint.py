@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from larpo_ray.config import ConfigError
+from larpo_ray.storage import RunStorage
 
 FORMAT = 1
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints
 LATEST = "latest.json"
 STATE = "state.json"
 
@@ -145,6 +147,58 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for path in list(root.glob(".iter-*.tmp-*")) + list(root.glob(".trash-*")):
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- a run folder on a URI (larpo_ray.storage): what each role copies, and when ------------------
+
+def pull_index(storage: RunStorage) -> None:
+    """From the URI: latest.json and every checkpoint's state.json (what `latest` reads)."""
+    if not storage.remote:
+        return
+    root, names = Path(storage.local) / CHECKPOINTS, storage.listdir(CHECKPOINTS)
+    for stale in root.glob("iter-*"):  # the URI is the record: a local folder it lacks is not a checkpoint
+        if stale.name not in names:
+            shutil.rmtree(stale, ignore_errors=True)
+    (root / LATEST).unlink(missing_ok=True)
+    storage.pull(f"{CHECKPOINTS}/{LATEST}")
+    for name in names:
+        if name.startswith("iter-"):
+            storage.pull(f"{CHECKPOINTS}/{name}/{STATE}")
+
+
+def pull_part(storage: RunStorage, path: Path, rank: int) -> None:
+    """From the URI: what learner rank `rank` loads of checkpoint `path` (policy, its optimizer state)."""
+    if not storage.remote:
+        return
+    rel = f"{CHECKPOINTS}/{Path(path).name}"
+    storage.pull(f"{rel}/policy")
+    for ext in ("json", "safetensors"):
+        storage.pull(f"{rel}/learner/rank-{rank}.{ext}")
+
+
+def push_part(storage: RunStorage, assembled: Path, rel: str, rank: int) -> None:
+    """To the URI: what learner rank `rank` wrote into the checkpoint being assembled at
+    `assembled`, at its final place `rel` (the URI has no atomic rename: state.json, written
+    after every part, is what marks a checkpoint complete)."""
+    if not storage.remote:
+        return
+    if rank == 0:
+        storage.push_from(assembled / "policy", f"{rel}/policy")
+    for ext in ("json", "safetensors"):
+        storage.push_from(assembled / "learner" / f"rank-{rank}.{ext}", f"{rel}/learner/rank-{rank}.{ext}")
+
+
+def push_commit(storage: RunStorage, root: Path, final: Path) -> None:
+    """To the URI, after every learner part: the checkpoint's state.json (now complete), then
+    latest.json; checkpoints pruned here are deleted there too."""
+    if not storage.remote:
+        return
+    storage.push(f"{CHECKPOINTS}/{final.name}/{STATE}")
+    storage.push(f"{CHECKPOINTS}/{LATEST}")
+    kept = {p.name for p in Path(root).glob("iter-*")}
+    for name in storage.listdir(CHECKPOINTS):
+        if name.startswith("iter-") and name not in kept:
+            storage.delete(f"{CHECKPOINTS}/{name}")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -181,9 +181,11 @@ class LossConfig(Group):
     length_normalize: bool = knob(False, "divide sequence log-probs by response length (SimPO-style; paper: off)")
     ndcg_weights: bool = knob(False, "lambdarank: weight pairs by |Delta NDCG| (LiPO-lambda)")
     reference: Literal["iteration_start", "initial"] = knob("iteration_start", "reference policy: the policy at the start of each iteration (paper) or the initial one")
+    sft_weight: float = knob(0.0, "add this times the per-token NLL of each list's best candidate to the loss (RPO-style; 0: off, the paper's losses as printed)")
 
     def check(self) -> None:
         self._require(self.beta > 0, "beta", "> 0")
+        self._require(self.sft_weight >= 0, "sft_weight", ">= 0")
 
 
 @dataclass
@@ -221,6 +223,8 @@ class LoopConfig(Group):
     prompts_per_iteration: int = knob(64, "prompts M sampled per iteration")
     eval_every: int = knob(1, "evaluate every this many iterations (0: only before and after)")
     pass_at_n: int = knob(0, "also report Pass@N on the held-out split (0: off)")
+    dynamic_sampling: bool = knob(False, "draw more prompts until prompts_per_iteration of them have candidates that do not all tie (a pair to learn from)")
+    max_draw_factor: float = knob(3.0, "dynamic sampling: at most this many times prompts_per_iteration prompts drawn per iteration")
     seed: int = knob(0, "seed of prompt sampling, list rules and the learner")
     run_dir: str = knob("runs/{time}", "output folder; {time} is replaced by a timestamp")
     save_model: bool = knob(True, "save the aligned policy as an HF folder at the end")
@@ -235,6 +239,7 @@ class LoopConfig(Group):
         self._require(self.prompts_per_iteration >= 1, "prompts_per_iteration", ">= 1")
         self._require(self.eval_every >= 0, "eval_every", ">= 0")
         self._require(self.pass_at_n >= 0, "pass_at_n", ">= 0")
+        self._require(self.max_draw_factor >= 1, "max_draw_factor", ">= 1 (a multiple of prompts_per_iteration)")
 
 
 @dataclass
@@ -243,7 +248,9 @@ class LoggingConfig(Group):
     wandb_project: str = knob("larpo-ray", "W&B project")
     wandb_entity: str | None = knob(None, "W&B entity (team or user)")
     run_name: str | None = knob(None, "W&B run name (default: the run folder's name)")
+    wandb_group: str | None = knob(None, "W&B group the run belongs to (larpo_ray.study: the study's name)")
     progress: bool = knob(True, "progress bars per phase on the console")
+    console: Literal["quiet", "all"] = knob("quiet", "quiet: the console shows progress, a line per iteration, warnings, errors and the results, each actor's output goes to RUN_DIR/logs/; all: the actors' output on the console too (--verbose)")
     log_samples: int = knob(4, "sample generations logged per iteration")
 
     def check(self) -> None:
@@ -253,7 +260,7 @@ class LoggingConfig(Group):
 @dataclass
 class ResourcesConfig(Group):
     use_ray: bool = knob(True, "run the roles as Ray actors (False: all in this process, for debugging)")
-    ray_address: str | None = knob(None, "Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray_address: str | None = knob(None, "Ray cluster to join (default: $RAY_ADDRESS, else a cluster `ray start` runs on this machine, else a new local instance; 'local': always a new local instance)")
     generator_cpus: float = knob(1.0, "CPUs per generator actor")
     generator_gpus: float = knob(0.0, "GPUs per generator actor (times tensor_parallel_size)")
     reward_cpus: float = knob(0.5, "CPUs per reward actor")
@@ -370,9 +377,10 @@ def load_config(config_path: str | None = None, preset: str | None = None, overr
 
 
 def preset_path(name: str) -> Path:
+    """configs/NAME.yaml (configs/study-*.yaml are study files for larpo_ray.study, not presets)."""
     path = CONFIGS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    if not path.is_file() or name.startswith("study-"):
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if not p.stem.startswith("study-"))
         raise ConfigError(f"unknown preset {name!r}: choose one of {known} (files in {CONFIGS_DIR})")
     return path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -28,10 +29,13 @@ from larpo_ray.checkpoint import LoopState
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
+from larpo_ray.storage import RunStorage
 from larpo_ray.tasks import binary_reward, parse_final_answer, pass_at_n
 from larpo_ray.topology import Rollout, Runtime
 from larpo_ray.tracking import Tracker, jsonable
 from larpo_ray.types import Prompt, RankedList
+
+EVAL_BATCH_PROMPTS = 64  # greedy held-out prompts per generate call: short replies batch well
 
 
 def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tracker: Tracker,
@@ -39,19 +43,20 @@ def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tra
     """Held-out metrics of the policy as it is, recorded as iteration 0; returns its greedy
     rewards per prompt (the initial policy's, against which later win-rates are judged)."""
     t0 = time.perf_counter()
-    metrics, rewards = evaluate(cfg, runtime, held_out, None, progress)
-    tracker.log({"iteration": 0, **metrics, "timing/eval": time.perf_counter() - t0})
+    metrics, rewards, answers = evaluate(cfg, runtime, held_out, None, progress)
+    tracker.log({"iteration": 0, **metrics, "timing/eval": time.perf_counter() - t0}, eval_rows=answers)
     return rewards
 
 
 def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: Sequence[Prompt],
              tracker: Tracker, progress: bool = True, run_dir: Path | None = None,
-             state: LoopState | None = None) -> list[dict[str, Any]]:
+             state: LoopState | None = None, storage: RunStorage | None = None) -> list[dict[str, Any]]:
     """Run LARPO iterations until cfg.loop.iterations are done; returns the per-iteration records.
 
     A fresh run starts with the initial evaluation; a resumed one (`state` from a checkpoint, the
     learner already on that checkpoint) first syncs the restored weights to the generators. With a
-    `run_dir`, a checkpoint is written every loop.checkpoint_every iterations. If the learner group
+    `run_dir`, a checkpoint is written every loop.checkpoint_every iterations (and copied to the
+    run's URI, if `storage` has one). If the learner group
     restarts after a failure it comes back on the newest checkpoint, and the loop rolls back to it.
     """
     root = run_dir / "checkpoints" if run_dir is not None else None
@@ -65,12 +70,12 @@ def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: S
     while state.iteration < cfg.loop.iterations:
         s = state.iteration
         try:
-            record, step_metrics, samples = run_iteration(cfg, runtime, memory, train, held_out, state, s, progress)
-            after = advanced(state, record, step_metrics, memory, sample_prompts(train, s, cfg))
+            out = run_iteration(cfg, runtime, memory, train, held_out, state, s, progress)
+            after = advanced(state, out.record, out.steps, memory, out.drawn)
             if root is not None and _checkpoint_due(cfg, s + 1):
                 start = time.perf_counter()
-                write_checkpoint(cfg, runtime, root, after)
-                record["timing/checkpoint"] = time.perf_counter() - start
+                write_checkpoint(cfg, runtime, root, after, storage)
+                out.record["timing/checkpoint"] = time.perf_counter() - start
         except LearnerRestarted as restart:
             print(f"larpo-ray: {restart}; rolling back to iteration {restart.iteration}", flush=True)
             state = rollback(root, restart.iteration, state, tracker)
@@ -78,33 +83,45 @@ def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: S
             runtime.sync_weights(state.iteration)
             continue
         state = after
-        tracker.log(record, step_metrics, samples)
+        tracker.log(out.record, out.steps, out.samples, out.answers)
         if progress:
-            print(summary_line(record, cfg.loop.iterations), flush=True)
+            print(summary_line(out.record, cfg.loop.iterations), flush=True)
     return tracker.records
 
 
+@dataclasses.dataclass
+class IterationOutput:
+    """What one iteration produced: its metrics.jsonl row, the learner's per-step rows, W&B sample
+    rows, the held-out answers (one row per prompt; none if not evaluated), the prompts drawn."""
+
+    record: dict[str, Any]
+    steps: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    answers: list[dict[str, Any]]
+    drawn: list[Prompt]
+
+
 def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train: Sequence[Prompt],
-                  held_out: Sequence[Prompt], state: LoopState, s: int, progress: bool):
-    """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate. Returns the
-    metrics record, the learner's per-step metrics and sample rows."""
+                  held_out: Sequence[Prompt], state: LoopState, s: int, progress: bool) -> IterationOutput:
+    """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate."""
     timing: dict[str, float] = {}
     wall_start = time.perf_counter()
-    prompts = sample_prompts(train, s, cfg)
-    rollout = timed(timing, "generate", generate_and_score, cfg, runtime, prompts, s, progress)
+    cursor = sum(len(uids) for uids in state.prompt_uids)  # stream position: prompts drawn so far
+    rollout, drawn, prompts, draws = timed(timing, "generate", draw_prompts, cfg, runtime, train, cursor, s, progress)
     lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, prompts, s)
     result = timed(timing, "train", runtime.train, s, lists)
     sync = timed(timing, "sync", runtime.sync_weights, s + 1)
     evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
-    ev = timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress)[0] if evaluated else {}
+    ev, _, answers = timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress) if evaluated else ({}, {}, [])
     timing["iteration"] = time.perf_counter() - wall_start  # wall clock, checkpoint excluded
     timing["overhead"] = timing["iteration"] - sum(v for k, v in timing.items() if k != "iteration")
     record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
-              **rollout_metrics(rollout, timing["generate"]), **list_metrics(stats),
+              **rollout_metrics(rollout, timing["generate"]), **draws, **list_metrics(stats),
               **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()},
               **system_metrics()}
     steps = [{k: jsonable(v) for k, v in m.items()} for m in result.step_metrics]
-    return {k: jsonable(v) for k, v in record.items()}, steps, sample_rows(lists, cfg.logging.log_samples)
+    return IterationOutput({k: jsonable(v) for k, v in record.items()}, steps,
+                           sample_rows(lists, cfg.logging.log_samples), answers, drawn)
 
 
 def _checkpoint_due(cfg: Config, done: int) -> bool:
@@ -130,13 +147,20 @@ def advanced(state: LoopState, record: dict, step_metrics: list[dict], memory: C
         learner_step=int(step_metrics[-1]["step"]) + 1 if step_metrics else state.learner_step)
 
 
-def write_checkpoint(cfg: Config, runtime: Runtime, root: Path, state: LoopState) -> Path:
+def write_checkpoint(cfg: Config, runtime: Runtime, root: Path, state: LoopState,
+                     storage: RunStorage | None = None) -> Path:
     """Everything a restart at `state` needs, atomically (larpo_ray.checkpoint): the learner
-    writes the policy and its optimizer state, then the driver its state, then the rename."""
+    writes the policy and its optimizer state, then the driver its state, then the rename. On a
+    URI: each learner rank's part goes up first, then state.json, then latest.json."""
     tmp = checkpoint.begin(root, state.iteration)
-    runtime.save_checkpoint(str(tmp), cfg.loop.save_optimizer)
+    final = checkpoint.iteration_dir(root, state.iteration)
+    upload = f"{checkpoint.CHECKPOINTS}/{final.name}" if storage is not None and storage.remote else None
+    runtime.save_checkpoint(str(tmp), cfg.loop.save_optimizer, upload)
     state.rng = checkpoint.rng_state()
-    return checkpoint.commit(root, tmp, state, cfg.loop.keep_checkpoints)
+    final = checkpoint.commit(root, tmp, state, cfg.loop.keep_checkpoints)
+    if upload:
+        checkpoint.push_commit(storage, root, final)
+    return final
 
 
 def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Tracker) -> LoopState:
@@ -174,15 +198,58 @@ def timed(timing: dict[str, float], phase: str, fn, *args):
 
 
 def sample_prompts(train: Sequence[Prompt], iteration: int, cfg: Config) -> list[Prompt]:
-    """M prompts x ~ D_X for iteration s: positions [s*M, (s+1)*M) of a stream of seeded
-    permutations of the data, so no prompt repeats before all were seen, and a resumed run
-    samples the same prompts."""
-    m, n = cfg.loop.prompts_per_iteration, len(train)
+    """M prompts x ~ D_X for iteration s without dynamic sampling: positions [s*M, (s+1)*M) of
+    the prompt stream."""
+    m = cfg.loop.prompts_per_iteration
+    return prompt_stream(train, iteration * m, m, cfg.loop.seed)
+
+
+def prompt_stream(train: Sequence[Prompt], start: int, count: int, seed: int) -> list[Prompt]:
+    """Positions [start, start + count) of a stream of seeded permutations of the data, so no
+    prompt repeats before all were seen, and a resumed run draws the same prompts."""
+    n = len(train)
     picked = []
-    for pos in range(iteration * m, (iteration + 1) * m):
+    for pos in range(start, start + count):
         epoch, i = divmod(pos, n)
-        picked.append(train[_permutation(cfg.loop.seed, n, epoch)[i]])
+        picked.append(train[_permutation(seed, n, epoch)[i]])
     return picked
+
+
+def draw_prompts(cfg: Config, runtime: Runtime, train: Sequence[Prompt], cursor: int, s: int,
+                 progress: bool) -> tuple[Rollout, list[Prompt], list[Prompt], dict[str, float]]:
+    """Generate and score iteration s's prompts from stream position `cursor`. Returns the
+    rollout, every prompt drawn, the prompts to build lists from, and draw counts.
+
+    loop.dynamic_sampling: prompts whose k candidates all tie teach nothing, so more prompts are
+    drawn, in rounds sized by the share that formed a pair so far, until M prompts have a strict
+    pair or loop.max_draw_factor x M prompts were drawn; the first M such prompts (stream order)
+    are kept. Otherwise the M prompts at the cursor, ties and all (Algorithm 1 as printed)."""
+    m = cfg.loop.prompts_per_iteration
+    drawn = prompt_stream(train, cursor, m, cfg.loop.seed)
+    rollout = generate_and_score(cfg, runtime, drawn, s, progress)
+    if not cfg.loop.dynamic_sampling:
+        return rollout, drawn, drawn, {}
+    cap, rounds = int(cfg.loop.max_draw_factor * m), 1
+    while True:
+        paired = _with_strict_pair(drawn, rollout)
+        if len(paired) >= m or len(drawn) >= cap:
+            break
+        rate = max(len(paired) / len(drawn), 1 / 8)  # 1/8: bound the next round when none paired yet
+        more = prompt_stream(train, cursor + len(drawn), min(cap - len(drawn), math.ceil((m - len(paired)) / rate)),
+                             cfg.loop.seed)
+        rollout.extend(generate_and_score(cfg, runtime, more, s, progress))
+        drawn, rounds = drawn + more, rounds + 1
+    counts = {"prompts_drawn": len(drawn), "prompts_tied": len(drawn) - len(paired),
+              "prompts_unused": max(0, len(paired) - m), "draw_rounds": rounds}
+    return rollout, drawn, paired[:m], {f"rollout/{k}": float(v) for k, v in counts.items()}
+
+
+def _with_strict_pair(prompts: list[Prompt], rollout: Rollout) -> list[Prompt]:
+    """The prompts (in order) whose scored candidates are not all tied."""
+    rewards: dict[str, set[float]] = {}
+    for sc in rollout.scored:
+        rewards.setdefault(sc.candidate.prompt_uid, set()).add(sc.reward)
+    return [p for p in prompts if len(rewards.get(p.uid, ())) >= 2]
 
 
 @functools.lru_cache(maxsize=4)
@@ -223,24 +290,29 @@ def build_lists(cfg: Config, memory: CandidateMemory, rollout: Rollout, prompts:
 
 
 def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial: dict[str, float] | None,
-             progress: bool) -> tuple[dict[str, float], dict[str, float]]:
+             progress: bool) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
     """Greedy held-out metrics: mean reward, accuracy (verifiable prompts), win-rate vs the
-    initial policy judged by the scorer (ties count half), optional Pass@N."""
+    initial policy judged by the scorer (ties count half), optional Pass@N. Also returns the
+    greedy rewards per prompt and one row per prompt (uid, reward, correct, response)."""
     with _bar(progress, len(held_out), "eval") as bar:
-        greedy = runtime.rollout(held_out, [0.0], -1, on_batch=bar.update)
+        greedy = runtime.rollout(held_out, [0.0], -1, on_batch=bar.update,
+                                 batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS))
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
     out = {"eval/mean_reward": _mean(rewards.values()), "eval/n_scored": float(len(rewards))}
     answers = {p.uid: _canonical(p.answer) for p in held_out if p.answer is not None}
+    texts = {c.prompt_uid: c.text for c in greedy.candidates}
+    correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}
+    rows = [{"uid": p.uid, "reward": rewards.get(p.uid), **({"correct": correct[p.uid]} if p.uid in correct else {}),
+             "response": texts.get(p.uid)} for p in held_out]
     if answers:
-        texts = {c.prompt_uid: c.text for c in greedy.candidates}
-        out["eval/accuracy"] = _mean(binary_reward(texts[u], a) for u, a in answers.items() if u in texts)
+        out["eval/accuracy"] = _mean(correct.values())
         out["eval/mean_response_tokens"] = _mean(len(c.token_ids) for c in greedy.candidates)
     if initial and any(u in rewards for u in initial):
         common = [u for u in initial if u in rewards]
         out["eval/win_rate_vs_initial"] = win_rate([rewards[u] for u in common], [initial[u] for u in common])
     if cfg.loop.pass_at_n and answers:
         out[f"eval/pass@{cfg.loop.pass_at_n}"] = _pass_at(cfg, runtime, held_out, answers)
-    return out, rewards
+    return out, rewards, rows
 
 
 def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers: dict[str, str]) -> float:
@@ -305,7 +377,8 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, leave=False)
 
 
-def save_final(runtime: Runtime, run_dir: Path) -> Path:
+def save_final(runtime: Runtime, run_dir: Path, storage: RunStorage | None = None) -> Path:
+    """The aligned policy as RUN_DIR/policy (an HF folder), and on the run's URI if it has one."""
     path = run_dir / "policy"
-    runtime.save_policy(str(path))
+    runtime.save_policy(str(path), "policy" if storage is not None and storage.remote else None)
     return path

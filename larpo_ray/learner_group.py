@@ -28,11 +28,14 @@ import traceback
 import uuid
 import warnings
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 
 from larpo_ray import checkpoint, plan
+from larpo_ray.actor_logs import log_path, redirect_output
 from larpo_ray.config import Config
+from larpo_ray.storage import RunStorage
 from larpo_ray.types import RankedList, TrainResult
 
 START_TIMEOUT_S = 1800.0  # workers load the model and build DeepSpeed (first run JIT-compiles)
@@ -53,12 +56,14 @@ class LearnerGroup(ABC):
         """The policy's HF-named weights: dict[str, np.ndarray] locally, an ObjectRef on Ray."""
 
     @abstractmethod
-    def save(self, path: str) -> None:
-        """Write the policy as an HF folder (safetensors + tokenizer)."""
+    def save(self, path: str, upload: str | None = None) -> None:
+        """Write the policy as an HF folder (safetensors + tokenizer); with a run folder on a URI,
+        rank 0 then copies it to `upload` there."""
 
     @abstractmethod
-    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
-        """Write the policy and every rank's optimizer state into checkpoint folder `path`."""
+    def save_checkpoint(self, path: str, with_optimizer: bool, upload: str | None = None) -> None:
+        """Write the policy and every rank's optimizer state into checkpoint folder `path`; with a
+        run folder on a URI each rank then copies its part to `upload` there."""
 
     @property
     def resumed_from(self) -> int:
@@ -78,11 +83,18 @@ class LearnerRestarted(RuntimeError):
         self.iteration = iteration
 
 
-def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None):
+def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None,
+            storage: RunStorage | None = None):
     """A LearnerWorker on the newest checkpoint under `checkpoints` if there is one (a resumed
-    run, or a restart after a failure), else on the initial policy; and that iteration."""
+    run, or a restart after a failure), else on the initial policy; and that iteration. With a
+    run folder on a URI the checkpoint is first copied from there (this node may not have it)."""
     from actors.learner import LearnerWorker  # DeepSpeed: imported only where a worker is built
 
+    if checkpoints and storage is not None and storage.remote:
+        checkpoint.pull_index(storage)
+        newest = checkpoint.latest(checkpoints)
+        if newest is not None:
+            checkpoint.pull_part(storage, newest, rank)
     resume = checkpoint.latest(checkpoints) if checkpoints else None
     worker = LearnerWorker(model_path, cfg.model, cfg.loss, cfg.learner, cfg.loop.seed,
                            rank=rank, world_size=world_size, resume_from=resume)
@@ -92,8 +104,10 @@ def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoint
 class LocalLearnerGroup(LearnerGroup):
     """One LearnerWorker in this process."""
 
-    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
-        self.worker, self._resumed_from = _worker(model_path, cfg, 0, 1, checkpoints)
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None,
+                 storage: RunStorage | None = None):
+        self.storage = storage
+        self.worker, self._resumed_from = _worker(model_path, cfg, 0, 1, checkpoints, storage)
 
     def train(self, iteration: int, lists: list[RankedList]) -> TrainResult:
         return self.worker.train_iteration(iteration, lists)
@@ -101,11 +115,15 @@ class LocalLearnerGroup(LearnerGroup):
     def get_weights(self) -> dict[str, np.ndarray]:
         return self.worker.get_weights()
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, upload: str | None = None) -> None:
         self.worker.save_pretrained(path)
+        if upload and self.storage is not None:
+            self.storage.push_from(Path(path), upload)
 
-    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
+    def save_checkpoint(self, path: str, with_optimizer: bool, upload: str | None = None) -> None:
         self.worker.save_checkpoint(path, with_optimizer)
+        if upload and self.storage is not None:
+            checkpoint.push_part(self.storage, Path(path), upload, 0)
 
 
 def _serve(config: dict) -> None:
@@ -121,11 +139,13 @@ def _serve(config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
+    if config["log_dir"]:  # this rank's output: RUN_DIR/logs/learner-rank-R.log
+        redirect_output(log_path(config["log_dir"], "learner-rank", rank), config["cfg"].logging.console == "all")
     requests, replies = config["requests"][rank], config["replies"]
     nonce, epoch = uuid.uuid4().hex, None
     try:
         worker, iteration = _worker(config["model_path"], config["cfg"], rank,
-                                    len(config["requests"]), config["checkpoints"])
+                                    len(config["requests"]), config["checkpoints"], config["storage"])
         replies.put((rank, None, "ready", True, {"nonce": nonce, "iteration": iteration}))
         while True:
             req_epoch, kind, args = requests.get()
@@ -137,13 +157,13 @@ def _serve(config: dict) -> None:
             if kind == "stop":
                 replies.put((rank, epoch, kind, True, None))
                 return
-            replies.put((rank, epoch, kind, True, _handle(worker, rank, kind, args)))
+            replies.put((rank, epoch, kind, True, _handle(worker, rank, kind, args, config["storage"])))
     except BaseException:
         replies.put((rank, epoch, "error", False, traceback.format_exc()))
         raise
 
 
-def _handle(worker, rank: int, kind: str, args: tuple):
+def _handle(worker, rank: int, kind: str, args: tuple, storage: RunStorage | None):
     """Run one request on one rank; the reply payload."""
     import ray
 
@@ -154,9 +174,15 @@ def _handle(worker, rank: int, kind: str, args: tuple):
         weights = worker.get_weights()  # collective under ZeRO-3
         return [ray.put(weights)] if rank == 0 else None
     if kind == "save":
-        return worker.save_pretrained(args[0])
+        worker.save_pretrained(args[0])
+        if args[1] and storage is not None and rank == 0:
+            storage.push_from(Path(args[0]), args[1])
+        return None
     if kind == "checkpoint":
-        return worker.save_checkpoint(args[0], args[1])
+        worker.save_checkpoint(args[0], args[1])
+        if args[2] and storage is not None:
+            checkpoint.push_part(storage, Path(args[0]), args[2], rank)
+        return None
     if kind == "weight_meta":
         return worker.weight_meta() if rank == 0 else None
     if kind == "weight_open":  # rank 0 serves the weight group's rendezvous on its node
@@ -175,7 +201,8 @@ def _handle(worker, rank: int, kind: str, args: tuple):
 class RayLearnerGroup(LearnerGroup):
     """`learner.num_workers` LearnerWorkers in a Ray Train TorchTrainer, serving requests."""
 
-    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None):
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None, log_dir: str | None = None,
+                 storage: RunStorage | None = None):
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -192,7 +219,8 @@ class RayLearnerGroup(LearnerGroup):
         self._trainer = TorchTrainer(
             _serve,
             train_loop_config={"model_path": model_path, "cfg": cfg, "checkpoints": checkpoints,
-                               "requests": self._requests, "replies": self._replies},
+                               "requests": self._requests, "replies": self._replies, "log_dir": log_dir,
+                               "storage": storage},
             scaling_config=ScalingConfig(**scaling),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(storage_path=self._storage.name, name="learner",
@@ -241,10 +269,10 @@ class RayLearnerGroup(LearnerGroup):
                                            f"(no restarts left: faults.learner_max_failures):\n"
                                            f"{trace}") from self._error
                     raise RuntimeError(f"the learner group stopped while waiting for {waiting_for!r}: "
-                                       f"{self._error!r}; see the Ray Train worker logs") from self._error
+                                       f"{self._error!r}; see the learner logs (RUN_DIR/logs/learner-rank-*.log)") from self._error
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"learner request {waiting_for!r} got no reply in time; "
-                                       f"check the Ray Train worker logs") from None
+                                       f"check the learner logs (RUN_DIR/logs/learner-rank-*.log)") from None
 
     def _await_ready(self, ready: dict[int, dict], timeout: float) -> int:
         """Wait until every rank of a (re)started group reported ready, then admit it with a new
@@ -300,11 +328,11 @@ class RayLearnerGroup(LearnerGroup):
         """An ObjectRef to the weights dict (numpy arrays), put by rank 0."""
         return self._call("get_weights")[0][0]
 
-    def save(self, path: str) -> None:
-        self._call("save", path)
+    def save(self, path: str, upload: str | None = None) -> None:
+        self._call("save", path, upload)
 
-    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
-        self._call("checkpoint", path, with_optimizer)
+    def save_checkpoint(self, path: str, with_optimizer: bool, upload: str | None = None) -> None:
+        self._call("checkpoint", path, with_optimizer, upload)
 
     @property
     def epoch(self) -> int:

@@ -246,6 +246,19 @@ def listmle_loss(
     return _finish(torch.where(has_lower_BK, term_BK, 0.0).sum(dim=1), lists)
 
 
+def best_nll(policy_logps: Tensor, lengths: Tensor, rewards: Tensor, mask: Tensor) -> Tensor:
+    """Mean over prompts with a strict pair of -log pi(y_best|x) / |y_best|: the per-token negative
+    log-likelihood of each list's best candidate. Added with weight `loss.sft_weight` to any
+    ranking loss, it keeps the chosen responses likely while their margin over the rest grows
+    (RPO, Pang et al. 2024: iterative preference optimization for reasoning) [ours: not in LARPO].
+    `lengths` [B, K] are response token counts (> 0 at valid slots)."""
+    active_B = active_prompts(rewards, mask)
+    top_B1 = torch.where(mask, rewards, float("-inf")).amax(dim=1, keepdim=True)
+    best_B = (mask & (rewards == top_B1)).long().argmax(dim=1)
+    per_token_B = _pick(torch.where(mask, policy_logps, 0.0), best_B) / _pick(lengths.clamp(min=1), best_B)
+    return -torch.where(active_B, per_token_B, 0.0).sum() / active_B.sum().clamp(min=1)
+
+
 LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "pairwise": pairwise_loss,
     "contrastive": contrastive_loss,

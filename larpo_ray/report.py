@@ -36,6 +36,7 @@ from typing import Any
 from larpo_ray.config import Config, ConfigError, load_config
 from larpo_ray.data import DataError
 from larpo_ray.models import ModelError
+from larpo_ray.storage import RunStorage
 from larpo_ray.tracking import TABLE_COLUMNS
 
 EVAL_KEYS = ("eval/mean_reward", "eval/accuracy", "eval/win_rate_vs_initial")
@@ -258,16 +259,24 @@ def _instruction(messages: tuple[tuple[str, str], ...], fallback: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m larpo_ray.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a run folder (holds metrics.jsonl and config.yaml)")
+    parser.add_argument("run_dir", help="a run folder (holds metrics.jsonl and config.yaml), or its URI (s3://...)")
     parser.add_argument("--export-alpacaeval", action="store_true", help="also write held-out generations for AlpacaEval")
     parser.add_argument("--checkpoint", type=Path, help="HF model folder to export (default RUN_DIR/policy)")
     parser.add_argument("--generator", help="AlpacaEval generator name (default <run folder>-<checkpoint>)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = report(args.run_dir)
-        print(f"larpo-ray report: wrote {out / 'summary.md'} and its plots")
+        storage = RunStorage.at(args.run_dir)
+        for name in ("metrics.jsonl", "steps.jsonl", "config.yaml") + (("policy",) if args.export_alpacaeval else ()):
+            storage.pull(name)  # a run on a URI: read from there
+        run_dir = Path(storage.local)
+        out = report(run_dir)
+        storage.push("report")
+        print(f"larpo-ray report: wrote {storage.display}/report/summary.md and its plots"
+              + (f" (staged in {out})" if storage.remote else ""))
         if args.export_alpacaeval:
-            print(f"larpo-ray report: wrote {export_alpacaeval(args.run_dir, args.checkpoint, args.generator)}")
+            path = export_alpacaeval(run_dir, args.checkpoint, args.generator)
+            storage.push("report")
+            print(f"larpo-ray report: wrote {path}")
     except (ReportError, ConfigError, DataError, ModelError) as err:
         print(f"larpo-ray report: {err}", file=sys.stderr)
         return 2

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from actors.generator import Generator
 from actors.reward import RewardActor, ScoreReport
 from larpo_ray import plan
+from larpo_ray.actor_logs import log_path, redirect_output
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
+from larpo_ray.storage import RunStorage
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
 
 CALL_TIMEOUT_S = 1800.0  # actors' start-up (vLLM loads the model)
@@ -38,6 +40,17 @@ class Rollout:
     generated_tokens: int = 0
     score_seconds: float = 0.0  # summed over reward-actor calls; overlaps generation on Ray
     faults: dict[str, int] = field(default_factory=dict)  # actor failures / timeouts / re-dispatches
+
+    def extend(self, other: Rollout) -> None:
+        """Add another rollout's candidates and counts (dynamic sampling's later rounds)."""
+        self.scored += other.scored
+        self.candidates += other.candidates
+        self.n_failed += other.n_failed
+        self.generated_tokens += other.generated_tokens
+        self.score_seconds += other.score_seconds
+        for mine, theirs in ((self.failures, other.failures), (self.faults, other.faults)):
+            for key, n in theirs.items():
+                mine[key] = mine.get(key, 0) + n
 
     def add(self, candidates: list[Candidate], report: ScoreReport) -> None:
         self.candidates += candidates
@@ -64,9 +77,10 @@ class Runtime(ABC):
     @abstractmethod
     def rollout(self, prompts: Sequence[Prompt], temperatures: list[float], iteration: int,
                 max_new_tokens: int | None = None, on_batch: Callable[[int], None] | None = None,
-                seed: int | None = None) -> Rollout:
+                seed: int | None = None, batch_prompts: int | None = None) -> Rollout:
         """Generate len(temperatures) candidates per prompt (0.0 = greedy) and score them; with a
-        `seed`, candidates depend only on (seed, prompt, slot) (actors.generator.sample_seed)."""
+        `seed`, candidates depend only on (seed, prompt, slot) (actors.generator.sample_seed).
+        Prompts go to the actors in batches of `batch_prompts` (default generation.batch_prompts)."""
 
     @abstractmethod
     def load_weights(self, version: int, weights) -> list[dict]:
@@ -84,12 +98,14 @@ class Runtime(ABC):
         n_bytes = float(reports[0]["bytes"]) if reports else 0.0
         return {"bytes": n_bytes, "seconds": seconds, "gb_per_s": n_bytes * len(reports) / max(seconds, 1e-9) / 1e9}
 
-    def save_policy(self, path: str) -> None:
-        self.learner.save(path)
+    def save_policy(self, path: str, upload: str | None = None) -> None:
+        """The policy as an HF folder at `path` (and, for a run folder on a URI, at `upload` there)."""
+        self.learner.save(path, upload)
 
-    def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
-        """The learner's part of a checkpoint (policy + optimizer state) into folder `path`."""
-        self.learner.save_checkpoint(path, with_optimizer)
+    def save_checkpoint(self, path: str, with_optimizer: bool, upload: str | None = None) -> None:
+        """The learner's part of a checkpoint (policy + optimizer state) into folder `path` (and,
+        for a run folder on a URI, at `upload` there)."""
+        self.learner.save_checkpoint(path, with_optimizer, upload)
 
     @property
     def resumed_from(self) -> int:
@@ -105,14 +121,16 @@ class LocalRuntime(Runtime):
     """Every role in this process, one after the other (no overlap, no fault handling)."""
 
     def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
-                 checkpoints: str | None = None) -> None:
-        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg, checkpoints) if with_learner else None)
+                 run: RunStorage | None = None) -> None:
+        checkpoints = _in(run, "checkpoints")
+        super().__init__(cfg, LocalLearnerGroup(policy_path, cfg, checkpoints, run) if with_learner else None)
         self.generator = Generator(policy_path, cfg.generation, cfg.model)
         self.reward = RewardActor(cfg.reward, trust_remote_code=cfg.model.trust_remote_code)
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None) -> Rollout:
+    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
+                batch_prompts=None) -> Rollout:
         out, by_uid = Rollout(), {p.uid: p for p in prompts}
-        for batch in batches(prompts, self.cfg.generation.batch_prompts):
+        for batch in batches(prompts, batch_prompts or self.cfg.generation.batch_prompts):
             cands = self.generator.generate(batch, temperatures, max_new_tokens, seed)
             out.add(cands, self.reward.score(by_uid, cands, iteration))
             if on_batch:
@@ -142,35 +160,55 @@ class RayRuntime(Runtime):
     """
 
     def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
-                 checkpoints: str | None = None) -> None:
+                 run: RunStorage | None = None) -> None:
         import ray
 
-        self.cfg, self.policy_path = cfg, policy_path
-        self.generators = [self._spawn("generator") for _ in range(cfg.generation.num_generators)]
-        self.rewards = [self._spawn("reward") for _ in range(cfg.reward.num_actors)]
+        checkpoints, log_dir = _in(run, "checkpoints"), _in(run, "logs")
+        self.cfg, self.policy_path, self.log_dir = cfg, policy_path, log_dir
+        self.generators = [self._spawn("generator", i) for i in range(cfg.generation.num_generators)]
+        self.rewards = [self._spawn("reward", i) for i in range(cfg.reward.num_actors)]
         ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=CALL_TIMEOUT_S)
-        super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints) if with_learner else None)
+        super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints, log_dir, run) if with_learner else None)
         self.stale: set[int] = set()  # generators that must re-load self.weights before generating
         self.deaths: dict[tuple[str, int], int] = {}  # (role, slot) -> deaths of its current actor
         self._weight_group: tuple | None = None  # gloo / nccl: (learner epoch, generator pids) it was opened for
         self._weight_meta: list | None = None  # what the learner broadcasts (names, shapes, dtypes)
 
-    def _spawn(self, role: str):
-        """A new generator or reward actor with its resources (plan.py) and restart policy."""
+    def _spawn(self, role: str, slot: int):
+        """A new generator or reward actor for `slot` with its resources (plan.py), restart policy
+        and log file (RUN_DIR/logs/<role>-<slot>.log)."""
         import ray
 
         restarts = {"max_restarts": self.cfg.faults.actor_max_restarts, "max_task_retries": 0}
         if role == "generator":
-            cls = ray.remote(Generator).options(
+            cls = ray.remote(self._logged(Generator, role, slot)).options(
                 **plan.actor_options(self.cfg, "generator"),  # CPUs, GPUs, memory, custom resources (plan.py)
                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.generation.cpu_kvcache_gb)}},
                 **restarts)
             return cls.remote(self.policy_path, self.cfg.generation, self.cfg.model)
-        cls = ray.remote(RewardActor).options(**plan.actor_options(self.cfg, "reward"), **restarts)
+        cls = ray.remote(self._logged(RewardActor, role, slot)).options(**plan.actor_options(self.cfg, "reward"), **restarts)
         return cls.remote(self.cfg.reward, self.cfg.model.trust_remote_code)
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None) -> Rollout:
-        work = batches(prompts, self.cfg.generation.batch_prompts)
+    def _logged(self, cls: type, role: str, slot: int) -> type:
+        """`cls` whose process first sends its output to RUN_DIR/logs/<role>-<slot>.log (and, with
+        logging.console = all, on to the console as well)."""
+        if self.log_dir is None:
+            return cls
+        path, tee = str(log_path(self.log_dir, role, slot)), self.cfg.logging.console == "all"
+
+        def __init__(actor, *args, **kwargs):
+            redirect_output(path, tee)
+            cls.__init__(actor, *args, **kwargs)
+
+        return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+    def log_file(self, role: str, slot: int) -> str:
+        """Where an actor's output goes (for error messages)."""
+        return str(log_path(self.log_dir, role, slot)) if self.log_dir else "the Ray worker logs (ray logs)"
+
+    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
+                batch_prompts=None) -> Rollout:
+        work = batches(prompts, batch_prompts or self.cfg.generation.batch_prompts)
         pool = _Dispatcher(self, work, temperatures, iteration, max_new_tokens, seed)
         for b in range(len(work)):
             pool.generate(b)
@@ -409,7 +447,7 @@ class _Dispatcher:
         if role == "generator":
             self.rt.stale.add(i)
         if self.rt.deaths[key] > self.rt.cfg.faults.actor_max_restarts:  # out of restarts: replace
-            self.actors(role)[i] = self.rt._spawn(role)
+            self.actors(role)[i] = self.rt._spawn(role, i)
             self.rt.deaths[key] = 0
             self.down.discard(key)
             self.count(f"{role}_replaced")
@@ -438,7 +476,7 @@ class _Dispatcher:
             raise RuntimeError(f"prompt batch {b} ({len(self.work[b])} prompts) failed "
                                f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
                                f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
-                               f"the actors' logs (ray logs)") from err
+                               f"the actors' logs (last: {self.rt.log_file(role, i)})") from err
         self.redispatch(role, i, b, cands)
 
     def redispatch(self, role: str, i: int, b: int, cands) -> None:
@@ -454,24 +492,58 @@ class _Dispatcher:
 
 
 def init_ray(cfg: Config) -> None:
-    """Join the cluster at resources.ray_address / $RAY_ADDRESS, else start a local one.
+    """Join the cluster at resources.ray_address / $RAY_ADDRESS (`ray job submit` sets it); else
+    the cluster `ray start` recorded on this machine if it answers; else start a local instance.
+    `resources.ray_address = local` always starts one. A recorded cluster that does not answer
+    (stopped without `ray stop`) is reported and passed over.
 
     A local instance declares at least as many logical CPUs as the roles ask for: on a 2-core
     machine the phases take turns on the cores (generation, then training), so the roles' CPU
     requests describe a share, not exclusive cores. It also offers the custom resources the roles
-    name (resources.*_resources), which a cluster's node types provide.
+    name (resources.*_resources), which a cluster's node types provide. Unless logging.console =
+    all, the actors' output stays in their log files and Ray's own INFO lines stay off the console.
     """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": cfg.logging.console == "all",
+             "logging_level": logging.INFO if cfg.logging.console == "all" else logging.WARNING}
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    if address and address != "local":
+        print(f"larpo-ray: joining the Ray cluster at {address}", flush=True)
+        ray.init(address=address, **quiet)
+        return
+    recorded = None if address == "local" else _recorded_cluster()
+    if recorded is not None:
+        print(f"larpo-ray: joining the Ray cluster running on this machine at {recorded} (started with "
+              f"`ray start`; --resources.ray_address local starts a separate one)", flush=True)
+        ray.init(address=recorded, **quiet)
         return
     local = plan.local_node(cfg).capacity
-    ray.init(num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": "larpo_ray.topology.quiet_without_dashboard"})
+    ray.init(address="local", num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "larpo_ray.topology.quiet_without_dashboard"}, **quiet)
+
+
+def _recorded_cluster() -> str | None:
+    """The address of the cluster `ray start` recorded on this machine, if its GCS answers."""
+    import socket
+
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    address = read_ray_address()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return address
+    except (OSError, ValueError):
+        warnings.warn(f"Ray records a cluster at {address} ({get_ray_address_file(None)}) but nothing answers "
+                      f"there (stopped without `ray stop`?): starting a local Ray instance for this run instead")
+        return None
 
 
 def quiet_without_dashboard() -> None:
@@ -486,10 +558,17 @@ def quiet_without_dashboard() -> None:
 
 
 def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True,
-                  checkpoints: str | None = None) -> Runtime:
+                  run: RunStorage | None = None) -> Runtime:
     """The run's roles; `with_learner=False` for evaluation-only runs (generators + scorers).
-    The learner starts on the newest checkpoint under `checkpoints` if there is one."""
+    `run` is the run folder, resolved once by the driver and handed to every role: the learner
+    starts on its newest checkpoint if there is one, and on Ray each actor's output goes to a file
+    in RUN_DIR/logs."""
     if not cfg.resources.use_ray:
-        return LocalRuntime(cfg, policy_path, with_learner, checkpoints)
+        return LocalRuntime(cfg, policy_path, with_learner, run)
     init_ray(cfg)
-    return RayRuntime(cfg, policy_path, with_learner, checkpoints)
+    return RayRuntime(cfg, policy_path, with_learner, run)
+
+
+def _in(run: RunStorage | None, name: str) -> str | None:
+    """A folder of the run (local path; the same path on every node for a run on a URI)."""
+    return None if run is None else f"{run.local}/{name}"

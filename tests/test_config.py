@@ -83,10 +83,22 @@ def test_bad_recipe_files(tmp_path):
         load_config(preset="nope")
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if not p.name.startswith("study-")))
 def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(str(CONFIGS_DIR / recipe))
     assert Config.from_dict(cfg.to_dict()) == cfg  # the resolved config round-trips
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in CONFIGS_DIR.glob("study-*.yaml")))
+def test_every_shipped_study_plans_valid_runs(study, tmp_path):
+    """configs/study-*.yaml are study files (larpo_ray.study), not recipes: every run they plan
+    validates, and none is a preset."""
+    from larpo_ray.study import load_study, plan_runs
+
+    runs = plan_runs(load_study(str(CONFIGS_DIR / study)), tmp_path, [])
+    assert len(runs) >= 2 and len({r.run_dir for r in runs}) == len(runs)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset=study.removesuffix(".yaml"))
 
 
 def test_paper_recipes_hold_the_papers_settings():

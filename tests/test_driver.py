@@ -93,3 +93,63 @@ def test_generator_serves_the_learners_weights_after_the_loop(local_run):
         expected = out[0, ids.shape[1]:].tolist()
         got = list(by_uid[prompt.uid].token_ids)
         assert got == expected[: len(got)] and len(got) > 0
+
+
+class _TieRuntime:
+    """Stands in for the roles in `draw_prompts`: a prompt whose uid ends in an even digit gets
+    k tied rewards, the others one correct and k - 1 wrong candidates."""
+
+    def __init__(self):
+        self.calls = []
+
+    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None):
+        from larpo_ray.topology import Rollout
+        from larpo_ray.types import Candidate, ScoredCandidate
+
+        self.calls.append([p.uid for p in prompts])
+        out = Rollout()
+        for p in prompts:
+            tied = int(p.uid[1:]) % 2 == 0
+            for slot, t in enumerate(temperatures):
+                c = Candidate(p.uid, (slot, 1), f"r{slot}", (-1.0, -1.0), t, 0)
+                out.candidates.append(c)
+                out.scored.append(ScoredCandidate(c, 0.0 if tied or slot else 1.0, iteration))
+            out.generated_tokens += 2 * len(temperatures)
+        return out
+
+
+def test_dynamic_sampling_draws_until_m_prompts_can_form_a_pair():
+    from larpo_ray.driver import draw_prompts, prompt_stream
+
+    train = _prompts(40)
+    cfg = load_config(overrides=["--loop.prompts_per_iteration", "6", "--loop.dynamic_sampling", "true",
+                                 "--loop.max_draw_factor", "3", "--logging.progress", "false"])
+    rt = _TieRuntime()
+    rollout, drawn, kept, counts = draw_prompts(cfg, rt, train, 5, 0, False)
+    stream = [p.uid for p in prompt_stream(train, 5, 40, cfg.loop.seed)]
+    assert [p.uid for p in drawn] == stream[:len(drawn)]  # contiguous from the cursor: resumable
+    assert len(kept) == 6 and all(int(p.uid[1:]) % 2 for p in kept)  # the first 6 with a pair
+    assert [p.uid for p in kept] == [u for u in stream[:len(drawn)] if int(u[1:]) % 2][:6]
+    assert counts["rollout/prompts_drawn"] == len(drawn) == sum(len(c) for c in rt.calls)
+    assert counts["rollout/prompts_tied"] == sum(1 for p in drawn if int(p.uid[1:]) % 2 == 0)
+    assert counts["rollout/prompts_unused"] == len(drawn) - counts["rollout/prompts_tied"] - 6
+    assert counts["rollout/draw_rounds"] == len(rt.calls) >= 2
+    assert len(rollout.candidates) == 4 * len(drawn)  # every round's candidates are kept
+    # the cap: with every prompt tied it stops at max_draw_factor x M and keeps none
+    rt_all_tied = _TieRuntime()
+    even = [p for p in train if int(p.uid[1:]) % 2 == 0]
+    _, drawn, kept, counts = draw_prompts(cfg, rt_all_tied, even, 0, 0, False)
+    assert len(drawn) == 18 and kept == [] and counts["rollout/prompts_tied"] == 18
+    # off: the M prompts at the cursor, ties and all, one round
+    off = load_config(overrides=["--loop.prompts_per_iteration", "6"])
+    _, drawn, kept, counts = draw_prompts(off, _TieRuntime(), train, 12, 0, False)
+    assert drawn == kept == prompt_stream(train, 12, 6, off.loop.seed) and counts == {}
+
+
+def test_the_held_out_answers_of_every_evaluation_are_kept(local_run):
+    cfg, run_dir, records, *_, splits = local_run
+    for it in (0, 1, 2):
+        rows = [json.loads(x) for x in (run_dir / "eval" / f"iter-{it:06d}.jsonl").read_text().splitlines()]
+        assert [r["uid"] for r in rows] == [p.uid for p in splits.eval]
+        assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(records[it]["eval/accuracy"])
+        assert all(isinstance(r["response"], str) and r["reward"] in (0.0, 1.0) for r in rows)

@@ -87,7 +87,7 @@ class FakeRuntime(RayRuntime):
         self.script = script
         super().__init__(cfg, "unused", with_learner=False)
 
-    def _spawn(self, role: str):
+    def _spawn(self, role: str, slot: int = 0):
         import ray
 
         restarts = {"max_restarts": self.cfg.faults.actor_max_restarts, "max_task_retries": 0}

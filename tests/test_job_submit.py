@@ -1,7 +1,7 @@
 """`ray job submit` of the tiny preset against a local cluster started with `ray start --head`,
-as the README shows (Ray 2.60 enables token auth by default: the cluster starts without it)."""
+as the README shows (Ray 2.60 enables token auth by default: the cluster starts without it), and
+what the user then finds in the run folder the job's console names."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_folder_checks import check_run_folder, run_folder_from_console
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -41,26 +42,50 @@ def _stop(temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_tiny_preset(tmp_path):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
+def _submit(args: list[str], env: dict) -> str:
+    """Submit a job and wait for it; its console (the job's logs) comes back in the output."""
+    for _ in range(12):  # the dashboard's job agent may need a while after `ray start`
+        job = _ray("job", "submit", "--address", "http://127.0.0.1:8276", *args, env=env, timeout=1200)
+        if "No available agent to submit job" not in job.stdout + job.stderr:
+            break
+        time.sleep(5)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()
+    return job.stdout
+
+
+def test_ray_job_submit_runs_the_tiny_preset_where_the_console_says(tmp_path):
+    """As the README shows: `ray start --head` in the repo, then `ray job submit -- python -m
+    larpo_ray.run --preset tiny`: the default relative run folder is the repo's runs/ (the job runs
+    where the cluster was started), the run resumes through another job, and nothing of it stays
+    in Ray's session folder. With --working-dir the job runs in Ray's temporary copy of it: the
+    relative run folder then goes under ~/larpo-ray, not into that copy."""
+    home = tmp_path / "home"
+    home.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="larpo-js-", dir="/tmp")  # short: Ray's socket paths live under it
-    start = _ray("start", "--head", "--port", "6391", "--dashboard-port", "8276", "--num-cpus", "4",
-                 "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}", env=env)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(home), RAY_TMPDIR=temp_dir,
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    start = _ray("start", "--head", "--port", "6391", "--dashboard-port", "8276", "--dashboard-agent-listen-port",
+                 "52376", "--num-cpus", "4", "--include-dashboard", "true", "--disable-usage-stats", env=env)
     assert start.returncode == 0, start.stderr
+    run_dir = None
     try:
-        run_dir = tmp_path / "job-run"
-        for _ in range(12):  # the dashboard's job agent may need a while after `ray start`
-            job = _ray("job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".", "--",
-                       "python", "-m", "larpo_ray.run", "--preset", "tiny", "--loop.run_dir", str(run_dir),
-                       "--logging.progress", "false", env=env, timeout=900)
-            if "No available agent to submit job" not in job.stdout + job.stderr:
-                break
-            time.sleep(5)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["iteration"] for r in lines] == [0, 1, 2]
-        assert (run_dir / "policy" / "config.json").is_file()
+        console = _submit(["--", "python", "-m", "larpo_ray.run", "--preset", "tiny"], env)
+        run_dir = run_folder_from_console(console)
+        assert run_dir.parent == ROOT / "runs"
+        check_run_folder(run_dir, 2, Path(temp_dir))
+        _submit(["--", "python", "-m", "larpo_ray.run", "--resume", str(run_dir.relative_to(ROOT)),
+                 "--loop.iterations", "3"], env)
+        check_run_folder(run_dir, 3, Path(temp_dir))
+
+        console = _submit(["--working-dir", ".", "--", "python", "-m", "larpo_ray.run", "--preset", "tiny",
+                           "--loop.iterations", "1"], env)
+        copied = run_folder_from_console(console)
+        assert copied.parent == home / "larpo-ray" / "runs" and "Ray's temporary copy" in console
+        check_run_folder(copied, 1, Path(temp_dir))
+        assert not list(Path(temp_dir).glob("**/working_dir_files/*/runs"))
     finally:
         _stop(temp_dir)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -304,3 +304,29 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
             group.train(2, bad)  # token id outside the vocabulary: the worker's error surfaces
     finally:
         group.shutdown()
+
+
+def test_sft_weight_adds_the_best_candidates_nll_and_raises_their_likelihood(tiny_path, tokenizer):
+    """loss.sft_weight: the learner's loss is the ranking loss plus weight x the per-token NLL of
+    each list's best candidate (losses.best_nll), and training with it makes the best candidates
+    more likely than training without it."""
+    from larpo_ray.batching import collate, to_BK
+
+    lists = make_lists(tokenizer, 4)
+
+    def best_logp(group) -> float:
+        w = group.worker
+        batch = collate(lists, w.pad_id)
+        with torch.no_grad():
+            logps = to_BK(w._logps(w.engine, batch), batch.seq_index_BK)
+        return float(logps[:, 0].sum())  # make_lists puts the best candidate first
+
+    base = {"loss": {"name": "listmle"}, "learner": {"lr": 1e-3, "epochs": 1, "prompts_per_step": 4, "num_workers": 1}}
+    plain = LocalLearnerGroup(tiny_path, Config.from_dict(base))
+    before = best_logp(plain)
+    plain_loss = plain.train(0, lists).metrics["loss"]
+    with_sft = LocalLearnerGroup(tiny_path, Config.from_dict({**base, "loss": {"name": "listmle", "sft_weight": 1.0}}))
+    sft_loss = with_sft.train(0, lists).metrics["loss"]
+    tokens = [len(lst.candidates[0].candidate.token_ids) for lst in lists]
+    assert sft_loss == pytest.approx(plain_loss - before / len(lists) / np.mean(tokens), rel=0.05)
+    assert best_logp(with_sft) > best_logp(plain)

@@ -371,3 +371,31 @@ def test_import_is_light():
     code = ("import larpo_ray.losses, sys; "
             "assert not any(m.split('.')[0] in ('ray','vllm','deepspeed') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_best_nll_is_the_per_token_nll_of_each_active_lists_best_candidate():
+    from larpo_ray.losses import best_nll
+
+    policy = torch.tensor([[-6.0, -2.0, -9.0], [-4.0, -4.0, float("nan")], [-3.0, -1.0, -2.0]], requires_grad=True)
+    lengths = torch.tensor([[3.0, 2.0, 3.0], [4.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.2, 0.9]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    # prompt 0: best is slot 0 (-6 over 3 tokens); prompt 1 is all tied among its valid slots
+    # (inactive, and its padded NaN never reaches the loss); prompt 2: best is slot 2 (-2 / 1)
+    loss = best_nll(policy, lengths, rewards, mask)
+    assert loss.item() == pytest.approx((6.0 / 3 + 2.0 / 1) / 2)
+    loss.backward()
+    expected = torch.zeros(3, 3)
+    expected[0, 0], expected[2, 2] = -1.0 / 3 / 2, -1.0 / 2
+    assert torch.equal(policy.grad, expected)  # only the best candidates of active prompts
+    none_active = best_nll(policy.detach(), lengths, torch.zeros(3, 3), mask)
+    assert none_active.item() == 0.0
+
+
+def test_sft_weight_is_a_checked_config_knob():
+    from larpo_ray.config import ConfigError, load_config
+
+    assert load_config(overrides=["--loss.sft_weight", "0.5"]).loss.sft_weight == 0.5
+    assert load_config().loss.sft_weight == 0.0  # off by default: the paper's losses as printed
+    with pytest.raises(ConfigError, match="loss.sft_weight = -1.0 is not allowed: >= 0"):
+        load_config(overrides=["--loss.sft_weight", "-1"])

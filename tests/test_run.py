@@ -48,3 +48,21 @@ def test_a_run_folder_with_a_run_is_not_overwritten(capsys, tmp_path):
     assert main(["--loop.run_dir", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+
+
+def test_the_run_folder_is_resolved_once_against_the_launch_directory(tmp_path, monkeypatch, capsys):
+    """Relative run folders are absolute before any role sees them; in a job Ray runs in its
+    temporary copy of --working-dir (deleted with the session) they go under ~/larpo-ray."""
+    from larpo_ray import run as run_mod
+
+    monkeypatch.chdir(tmp_path)
+    assert run_mod.resolve_folder("runs/x") == tmp_path / "runs" / "x"
+    assert run_mod.resolve_folder(str(tmp_path / "abs")) == tmp_path / "abs"
+    copy = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(run_mod, "JOB_RUNS_ROOT", tmp_path / "home" / "larpo-ray")
+    assert run_mod.resolve_folder("runs/x") == tmp_path / "home" / "larpo-ray" / "runs" / "x"
+    assert "Ray's temporary copy of its --working-dir" in capsys.readouterr().out
+    storage = run_mod.resolve_location("s3://bucket/runs/x?endpoint_override=h:1")
+    assert storage.remote and storage.display == "s3://bucket/runs/x"
