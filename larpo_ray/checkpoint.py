@@ -243,16 +243,21 @@ def _fsync_dir(path: Path) -> None:
 
 def incompatible_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between a checkpoint's config and a resume's config and
-    that change what the run computes (RESUMABLE_* may differ)."""
+    that change what the run computes (RESUMABLE_* may differ). A key the saved config lacks (it
+    was written before that knob existed) counts as its default, which is what that run used."""
+    from larpo_ray.config import Config
+
+    defaults = Config().to_dict()
     out = []
     for group in sorted(set(saved) | set(new)):
         if group in RESUMABLE_GROUPS:
             continue
-        a, b = saved.get(group) or {}, new.get(group) or {}
+        a, b, d = saved.get(group) or {}, new.get(group) or {}, defaults.get(group) or {}
         for key in sorted(set(a) | set(b)):
             dotted = f"{group}.{key}"
-            if dotted not in RESUMABLE_KEYS and a.get(key) != b.get(key):
-                out.append(f"{dotted} (checkpoint: {a.get(key)!r}, now: {b.get(key)!r})")
+            old_value, new_value = a.get(key, d.get(key)), b.get(key, d.get(key))
+            if dotted not in RESUMABLE_KEYS and old_value != new_value:
+                out.append(f"{dotted} (checkpoint: {old_value!r}, now: {new_value!r})")
     return out
 
 

@@ -315,6 +315,7 @@ def _outcome(run: PlannedRun, result: dict) -> str:
     lines = result["error"].splitlines() if result.get("error") else [""]
     # the error itself, not Ray's noise after it: the last line naming an error, else the last
     last = next((ln for ln in reversed(lines) if "Error" in ln or ln.startswith("larpo-ray:")), lines[-1])
+    last = last if len(last) <= 300 else last[:300] + " ..."  # Ray's errors can run to pages
     return (f"FAILED (exit {result['returncode']}) after {minutes:.1f} min: {last} "
             f"(console: {run.run_dir / 'console.log'}); the other runs go on")
 

@@ -106,6 +106,12 @@ def test_incompatible_keys_are_named():
     assert checkpoint.incompatible_keys(saved, new) == ["loss.beta (checkpoint: 0.1, now: 0.5)"]
     with pytest.raises(ConfigError, match=r"loss\.beta \(checkpoint: 0\.1, now: 0\.5\).*Resume with the run's own config.yaml"):
         checkpoint.check_compatible(LoopState(config=saved), new, Path("r/iter-000001"))
+    # a config written before a knob existed ran with its default: not a difference, unless set
+    older = Config().to_dict()
+    del older["loss"]["sft_weight"]
+    assert checkpoint.incompatible_keys(older, Config().to_dict()) == []
+    assert checkpoint.incompatible_keys(older, Config.from_dict({"loss": {"sft_weight": 1.0}}).to_dict()) == [
+        "loss.sft_weight (checkpoint: 0.0, now: 1.0)"]
 
 
 @pytest.mark.parametrize("make", [

@@ -121,7 +121,8 @@ def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monke
 
     rollout = topology.RayRuntime.rollout
 
-    def faulty_rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None):
+    def faulty_rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
+                       batch_prompts=None):
         plan = {0: ("generator", self.generators), 1: ("reward", self.rewards)}.get(iteration)
         if plan and not any(k.startswith(plan[0]) for k in killed):
             role, actors = plan
@@ -133,7 +134,7 @@ def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monke
                     kill(pid, f"{role} {pid}")
                 if _inner:
                     _inner(n)
-        return rollout(self, prompts, temperatures, iteration, max_new_tokens, on_batch, seed)
+        return rollout(self, prompts, temperatures, iteration, max_new_tokens, on_batch, seed, batch_prompts)
 
     train = learner_group.RayLearnerGroup.train
 

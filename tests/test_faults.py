@@ -230,12 +230,24 @@ def test_generator_restarted_between_rollouts_is_caught_by_its_weight_version(ra
         rt.shutdown()
 
 
+def _wait_until_dead(ray, actor, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the killed actor still answers after {timeout_s:.0f} s")
+
+
 def test_weight_sync_survives_a_dead_generator(ray_local):
     """A generator that is dead for good (restarts spent) when the weights go out: the sync warns
     and marks it stale; the rollout replaces it and the new actor loads version 1 first."""
     rt = make(ray_local, {}, actor_max_restarts=2)
     try:
         ray_local.kill(rt.generators[1], no_restart=True)
+        _wait_until_dead(ray_local, rt.generators[1])  # ray.kill is asynchronous: a call sent now may still land
         rt.weights = (1, "weights-v1")
         with pytest.warns(UserWarning, match="could not load weights version 1"):
             reports = rt.load_weights(1, "weights-v1")
