@@ -65,7 +65,7 @@ def larpo_overrides(s: dict, run_dir: Path) -> list[str]:
     pairs = {"model.name_or_path": s["model"], "loss.name": "pairwise", "loss.beta": s["beta"],
              "generation.k": s["k"], "generation.temperature": s["temperature"], "generation.top_p": s["top_p"],
              "generation.max_new_tokens": s["max_new_tokens"], "generation.batch_prompts": s["batch_prompts"],
-             "generation.seed": s["seed"], "lists.rule": "top_bottom", "learner.lr": s["lr"],
+             "generation.seed": s["seed"], "lists.rule": "top_bottom", "lists.top": 1, "lists.bottom": 1, "learner.lr": s["lr"],
              "learner.epochs": s["epochs"], "learner.prompts_per_step": s["prompts_per_step"],
              "learner.max_grad_norm": s["max_grad_norm"], "loop.iterations": 1,
              "loop.prompts_per_iteration": s["prompts"], "loop.seed": s["seed"], "loop.save_model": "false",

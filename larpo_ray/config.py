@@ -75,7 +75,7 @@ class DataConfig(Group):
     split: str = knob("train", "split name when source is a datasets name")
     levels: list[int] = knob([1, 2], "difficulty levels of the built-in task (1: a+-b <= 19, 2: two-digit, 3: word problem, 4: two-step)")
     num_train: int = knob(512, "training prompts to use (0: all rows of a file)")
-    num_eval: int = knob(64, "held-out prompts to evaluate on")
+    num_eval: int = knob(200, "held-out prompts to evaluate on")
     prompt_column: str = knob("prompt", "column holding a plain-text prompt")
     messages_column: str = knob("messages", "column holding a chat as a list of {role, content} (used when present)")
     answer_column: str = knob("answer", "optional column with the reference answer for verifiable rewards")
@@ -161,8 +161,8 @@ class RewardConfig(Group):
 class ListsConfig(Group):
     rule: Literal["top_bottom", "best_worst", "correct_incorrect", "all"] = knob("top_bottom", "how each prompt's training list is chosen from its scored pool")
     top: int = knob(1, "top_bottom: positives taken from the top")
-    bottom: int = knob(1, "top_bottom: negatives taken from the bottom")
-    keep_order: bool = knob(True, "top_bottom: keep the full reward order (False: only the positive/negative split)")
+    bottom: int = knob(3, "top_bottom: negatives taken from the bottom (at most: a smaller pool gives fewer)")
+    keep_order: bool = knob(False, "top_bottom: keep the full reward order (False: only the positive/negative split)")
     memory: Literal["current", "previous", "all"] = knob("current", "responses pooled per prompt: this iteration's, + the previous one's, + all earlier")
     max_pool: int = knob(16, "cap on a prompt's pooled responses (newest kept)")
     dedup: bool = knob(True, "drop identical responses from a prompt's pool")
@@ -176,7 +176,7 @@ class ListsConfig(Group):
 
 @dataclass
 class LossConfig(Group):
-    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob("pairwise", "ranking objective (larpo_ray.losses.LOSSES)")
+    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob("contrastive", "ranking objective (larpo_ray.losses.LOSSES)")
     beta: float = knob(0.1, "scale of the implicit reward g = beta * (log pi - log pi_ref); IPO's tau")
     length_normalize: bool = knob(False, "divide sequence log-probs by response length (SimPO-style; paper: off)")
     ndcg_weights: bool = knob(False, "lambdarank: weight pairs by |Delta NDCG| (LiPO-lambda)")
@@ -322,8 +322,8 @@ class Config(Group):
             raise ConfigError(f"loss.name = {loss.name!r} is listwise and needs lists of >= 3 candidates, but generation.k = {g.k}: raise generation.k to >= 3 or use loss.name = pairwise")
         if loss.name in LISTWISE_LOSSES and ls.rule in ("best_worst", "correct_incorrect"):
             raise ConfigError(f"loss.name = {loss.name!r} is listwise but lists.rule = {ls.rule!r} keeps only 2 candidates: use lists.rule = top_bottom or all")
-        if ls.rule == "top_bottom" and ls.top + ls.bottom > pool:
-            raise ConfigError(f"lists.top + lists.bottom = {ls.top + ls.bottom} exceeds the {pool} candidates a prompt has (generation.k / lists.max_pool): lower them or raise generation.k")
+        if ls.rule == "top_bottom" and ls.top >= pool:  # bottom is an upper bound: a smaller pool gives fewer negatives
+            raise ConfigError(f"lists.top = {ls.top} leaves no negative among the {pool} candidates a prompt has (generation.k / lists.max_pool): lower lists.top or raise generation.k")
         if ls.rule == "correct_incorrect" and not (self.reward.kind == "rule" and self.reward.rule == "binary"):
             raise ConfigError("lists.rule = 'correct_incorrect' needs binary rewards: set reward.kind = rule and reward.rule = binary, or use lists.rule = best_worst")
         if g.mixed_temperatures and g.k < len(g.mixed_temperatures):

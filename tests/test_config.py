@@ -15,6 +15,12 @@ def test_defaults_validate_and_match_the_default_recipe():
     assert load_config(preset="default") == Config()
 
 
+def test_the_default_lists_adapt_to_fewer_candidates():
+    """The default takes the top 1 against up to 3 below it: with k = 2 that is one pair."""
+    cfg = load_config(overrides=["--generation.k", "2"])
+    assert (cfg.loss.name, cfg.lists.top, cfg.lists.bottom) == ("contrastive", 1, 3)
+
+
 def test_sources_in_order_defaults_yaml_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"loss": {"name": "contrastive", "beta": 0.5}, "generation": {"k": 6}}))
@@ -36,7 +42,7 @@ def test_sources_in_order_defaults_yaml_overrides(tmp_path):
         (["--learner.lr", "-1"], "learner.lr = -1.0 is not allowed: > 0"),
         (["--generation.top_p", "1.5"], "generation.top_p = 1.5 is not allowed: in (0, 1]"),
         (["--loss.name", "listmle", "--generation.k", "2"], "loss.name = 'listmle' is listwise and needs lists of >= 3 candidates, but generation.k = 2"),
-        (["--lists.top", "3", "--lists.bottom", "3"], "lists.top + lists.bottom = 6 exceeds the 4 candidates"),
+        (["--lists.top", "4"], "lists.top = 4 leaves no negative among the 4 candidates"),
         (["--lists.rule", "correct_incorrect", "--reward.rule", "graded"], "lists.rule = 'correct_incorrect' needs binary rewards"),
         (["--learner.offload_optimizer", "true"], "learner.offload_optimizer = True is not allowed: needs learner.zero_stage >= 1"),
         (["--reward.kind", "http"], "reward.url = None is not allowed: set it when reward.kind = http"),

@@ -57,7 +57,8 @@ def make_lists(tokenizer, n: int, tied: int = 0) -> list[RankedList]:
 
 def make_cfg(**learner) -> Config:
     base = {"lr": 1e-3, "epochs": 1, "prompts_per_step": 4, "num_workers": 1}
-    return Config.from_dict({"learner": {**base, **learner}})
+    # pairwise (DPO): the checks below use its value at pi = pi_ref, log 2
+    return Config.from_dict({"learner": {**base, **learner}, "loss": {"name": "pairwise"}})
 
 
 def snapshot(group) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert "| 3 | 0.5 | 0.45 | 0.65 | 0.54 |" in summary
     assert "| eval/mean_reward | 0.2 (iter 0) | 0.5 (iter 3) | +0.3 |" in summary
     assert "| eval/win_rate_vs_initial | 0.55 (iter 1) | 0.65 (iter 3) | +0.1 |" in summary
-    assert "| loss.name | `pairwise` |" in summary and "| generation.k | `4` |" in summary
+    assert "| loss.name | `contrastive` |" in summary and "| generation.k | `4` |" in summary
     assert all(f"({name})" in summary for name in PLOTS)
     assert "per-iteration mean `train/loss`" in summary  # no W&B run in this folder
 
