@@ -203,6 +203,30 @@ def test_runner_skips_finished_runs_resumes_partial_ones_and_goes_on_after_a_fai
     assert "==== larpo-ray study:" in (out / "broken" / "seed-2" / "console.log").read_text()
 
 
+SLOW_RUN = """
+import pathlib, sys, time
+args = sys.argv[1:]
+run_dir = pathlib.Path(args[args.index("--loop.run_dir") + 1])
+start = time.time()
+time.sleep(1.5)
+(run_dir / "span").write_text(f"{start} {time.time()}")
+"""
+
+
+def test_parallel_runs_go_at_once_each_in_its_own_folder(tmp_path, monkeypatch):
+    """--parallel N: N child processes at a time (as on a Ray cluster, each its own run)."""
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN)
+    real = study_mod.command
+    monkeypatch.setattr(study_mod, "command", lambda run, state: [sys.executable, str(script)] + real(run, state)[3:])
+    runs = plan_runs(load_study(_write(tmp_path, STUDY)), tmp_path / "out", [])
+    status = run_all(runs, tmp_path / "out", parallel=3, echo=lambda line: None)
+    assert {v["state"] for v in status.values()} == {"done"} and len(status) == 6
+    spans = [tuple(map(float, (r.run_dir / "span").read_text().split())) for r in runs]
+    most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most_at_once >= 2  # one after another would give 1
+
+
 def test_statistics_t_interval_and_paired_bootstrap():
     assert t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-3)
     assert t_quantile(0.975, 30) == pytest.approx(2.0423, abs=1e-3)
