@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,12 +30,12 @@ from typing import Mapping, Protocol, Sequence
 
 from larpo_ray.config import RewardConfig
 from larpo_ray.models import require_safetensors
-from larpo_ray.tasks import REWARDS, parse_final_answer
+from larpo_ray import tasks
+from larpo_ray.tasks import REWARDS
 from larpo_ray.types import Candidate, Prompt, ScoredCandidate
 
 log = logging.getLogger(__name__)
 
-_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class ScorerError(RuntimeError):
@@ -66,16 +65,12 @@ class RuleScorer:
 
 
 def reference_answer(prompt: Prompt) -> str:
-    """The canonical numeric reference; GSM8K-style "rationale #### 72" becomes "72"."""
+    """The prompt's reference as the rule matches it (`tasks.reference_answer`: GSM8K-style
+    "rationale #### 72" becomes "72"; a text answer stays text)."""
     if prompt.answer is None:
         raise ValueError(f"prompt {prompt.uid} has no reference answer, but reward.kind = rule needs one: "
                          f"point data.answer_column at the answer column, or use reward.kind = model/http")
-    answer = prompt.answer.strip()
-    canonical = answer if _PLAIN_NUMBER.fullmatch(answer) else parse_final_answer(answer)
-    if canonical is None:
-        raise ValueError(f"prompt {prompt.uid}: reference answer {prompt.answer[:80]!r} holds no number; "
-                         f"the rule scorer checks numeric final answers")
-    return canonical
+    return tasks.reference_answer(prompt.answer)
 
 
 class RewardModelScorer:

@@ -7,7 +7,9 @@
     (e.g. `eval_source: org/set:test`). Offline, a hub dataset must already be in the cache.
 A row holds a plain-text prompt column (one user message) or a chat messages column (a list of
 {role, content} ending with a user message; used when present), plus an optional reference answer
-(numbers become strings). Column names: data.prompt_column / messages_column / answer_column.
+(numbers become strings; a number is matched numerically, a text answer such as "Paris" as a
+normalised string: `tasks.answers_match`). Column names: data.prompt_column / messages_column /
+answer_column.
 
 Held-out prompts: `data.eval_source` if set (capped at data.num_eval if > 0), else the built-in
 eval split, else the last data.num_eval rows of the source (after dedup, in file order). A prompt's

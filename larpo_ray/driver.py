@@ -30,7 +30,7 @@ from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
 from larpo_ray.storage import RunStorage
-from larpo_ray.tasks import binary_reward, parse_final_answer, pass_at_n
+from larpo_ray.tasks import binary_reward, pass_at_n, reference_answer
 from larpo_ray.topology import Rollout, Runtime
 from larpo_ray.tracking import Tracker, jsonable
 from larpo_ray.types import Prompt, RankedList
@@ -299,7 +299,7 @@ def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial:
                                  batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS))
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
     out = {"eval/mean_reward": _mean(rewards.values()), "eval/n_scored": float(len(rewards))}
-    answers = {p.uid: _canonical(p.answer) for p in held_out if p.answer is not None}
+    answers = {p.uid: reference_answer(p.answer) for p in held_out if p.answer is not None}
     texts = {c.prompt_uid: c.text for c in greedy.candidates}
     correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}
     rows = [{"uid": p.uid, "reward": rewards.get(p.uid), **({"correct": correct[p.uid]} if p.uid in correct else {}),
@@ -359,11 +359,6 @@ def sample_rows(lists: list[RankedList], n: int) -> list[dict[str, Any]]:
              "best": rl.candidates[0].candidate.text, "best_reward": rl.candidates[0].reward,
              "worst": rl.candidates[-1].candidate.text, "worst_reward": rl.candidates[-1].reward}
             for rl in lists[:n]]
-
-
-def _canonical(answer: str) -> str:
-    """GSM8K-style references ("... #### 72") reduce to their final number."""
-    return parse_final_answer(answer) or answer
 
 
 def _mean(values) -> float:

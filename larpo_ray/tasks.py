@@ -232,6 +232,7 @@ def _draw(rng: random.Random, size: int, k: int, exclude: set[int]) -> list[int]
 _CHARS = str.maketrans({"\u2212": "-", "\uff0d": "-", "\u00d7": "*", "\u00f7": "/"})
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _OPERATOR_AFTER = re.compile(r"\s*(?:[-+*/=<>]|x\s*\d|\\times|\\cdot)")
 _LABEL_BEFORE = re.compile(r"\b(?:step|part|question|problem)\s*$", re.I)
 _ENUMERATOR = re.compile(r"^[ \t]*(\d+)[.)][ \t]+\S", re.M)
@@ -291,24 +292,60 @@ def _canonical(number: str) -> str:
 # Rewards and metrics
 # ---------------------------------------------------------------------------------------------
 
+def reference_answer(answer: str) -> str:
+    """A dataset's reference answer as it is matched: its canonical number when it is one (GSM8K's
+    "rationale #### 72" -> "72", "1,000" -> "1000"), else the text (an answer like "Paris").
+
+    Rule: the most explicit marked span of the reference (\\boxed{}, "####", "answer is", as in
+    `parse_final_answer`), else the whole reference, stripped (a closing period dropped); a
+    number when that is one number, else text.
+    """
+    text = _THOUSANDS.sub("", answer.translate(_CHARS)).strip()
+    spans = _marked_spans(text)
+    body = (spans[0] if spans else text).strip().removesuffix(".").strip()
+    return _canonical(body) if _PLAIN_NUMBER.fullmatch(body) else body
+
+
+def answers_match(reply: str, reference: str) -> bool:
+    """Whether a reply's final answer matches a reference (as `reference_answer` gives it):
+    numbers compare numerically ("19.0" == "19"); a text reference is matched as a normalised
+    string (case, whitespace, surrounding punctuation and a leading "the" ignored) against the
+    reply's marked answer span, or its last line when it marks none. The paper's math reward is a
+    string match; this is the same for numbers written differently."""
+    if _PLAIN_NUMBER.fullmatch(reference):
+        pred = parse_final_answer(reply)
+        return pred is not None and Decimal(pred) == Decimal(reference)
+    spans = _marked_spans(reply.translate(_CHARS))
+    lines = [ln for ln in reply.strip().splitlines() if ln.strip()]
+    said = spans[0] if spans else (lines[-1] if lines else "")
+    return _normalised(said) == _normalised(reference)
+
+
+def _normalised(text: str) -> str:
+    words = re.sub(r"[\s\"'`*_.,:;!?()]+", " ", text.casefold()).split()
+    return " ".join(words[1:] if words[:1] == ["the"] and len(words) > 1 else words)
+
+
 def binary_reward(text: str, answer: str) -> float:
-    """1.0 if the parsed final answer equals `answer` numerically, else 0.0 (the paper's rule)."""
-    pred = parse_final_answer(text)
-    return float(pred is not None and Decimal(pred) == Decimal(answer))
+    """1.0 if the reply's final answer matches the reference answer (`answers_match` after
+    `reference_answer`), else 0.0 (the paper's rule)."""
+    return float(answers_match(text, reference_answer(answer)))
 
 
 def graded_reward(text: str, answer: str) -> float:
     """1.0 if correct; a wrong number gets 0.5 / (1 + relative error), in (0, 0.5); no number 0.0.
+    A text reference has no closeness: graded is binary there.
 
     Wrong answers stay strictly ordered by closeness (and any number beats none), so a listwise
     loss still sees an order in a list with no correct answer. [ours: not in the paper]
     """
-    pred = parse_final_answer(text)
-    if pred is None:
-        return 0.0
-    p, a = Decimal(pred), Decimal(answer)
-    if p == a:
+    reference = reference_answer(answer)
+    if answers_match(text, reference):
         return 1.0
+    pred = parse_final_answer(text)
+    if pred is None or not _PLAIN_NUMBER.fullmatch(reference):
+        return 0.0
+    p, a = Decimal(pred), Decimal(reference)
     return 0.5 / (1.0 + float(abs(p - a)) / max(1.0, float(abs(a))))
 
 

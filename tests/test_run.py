@@ -66,3 +66,27 @@ def test_the_run_folder_is_resolved_once_against_the_launch_directory(tmp_path, 
     assert "Ray's temporary copy of its --working-dir" in capsys.readouterr().out
     storage = run_mod.resolve_location("s3://bucket/runs/x?endpoint_override=h:1")
     assert storage.remote and storage.display == "s3://bucket/runs/x"
+
+
+def test_a_dataset_with_text_answers_runs_end_to_end(capsys, tmp_path):
+    """Text references ("Paris") are string-matched everywhere: the rule scorer, the held-out
+    accuracy and Pass@N. Before, a reply with a number made evaluation raise InvalidOperation."""
+    import json
+
+    data = tmp_path / "capitals.jsonl"
+    rows = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"), ("Chile", "Santiago"),
+            ("Japan", "Tokyo")]
+    data.write_text("".join(json.dumps({"prompt": f"What is the capital of {c}? What is 3 + 4?", "answer": a}) + "\n"
+                            for c, a in rows))
+    run = tmp_path / "run"
+    argv = ["--preset", "tiny", "--resources.use_ray", "false", "--generation.engine", "hf",
+            "--learner.num_workers", "1", "--data.source", str(data), "--data.num_train", "4", "--data.num_eval", "2",
+            "--loop.iterations", "1", "--loop.prompts_per_iteration", "4", "--loop.pass_at_n", "2",
+            "--logging.wandb_mode", "disabled", "--logging.progress", "false", "--loop.run_dir", str(run)]
+    assert main(argv) == 0, capsys.readouterr().err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    # The tiny model answers with numbers, so nothing is right, and that is measured, not raised.
+    assert all(m["eval/accuracy"] == 0.0 and m["eval/pass@2"] == 0.0 for m in metrics)
+    answers = [json.loads(line) for line in (run / "eval" / "iter-000001.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and all(a["correct"] == 0.0 and a["reward"] == 0.0 for a in answers)

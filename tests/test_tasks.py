@@ -10,9 +10,9 @@ from collections import Counter
 
 import pytest
 
-from larpo_ray.tasks import (INSTRUCTION, REWARDS, TEMPLATES, Problem, accuracy, binary_reward,
+from larpo_ray.tasks import (INSTRUCTION, REWARDS, TEMPLATES, Problem, accuracy, answers_match, binary_reward,
                              format_question, graded_reward, make_splits, parse_final_answer,
-                             pass_at_n)
+                             pass_at_n, reference_answer)
 
 # ---------------------------------------------------------------------------------------------
 # Splits
@@ -191,6 +191,29 @@ def test_binary_reward_compares_numerically():
     assert binary_reward("The answer is 13", "12") == 0.0
     assert binary_reward("no idea", "12") == 0.0
     assert REWARDS == {"binary": binary_reward, "graded": graded_reward}
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("72", "72"), ("Natalia sold 48/2 = 24 clips.\nShe sold 72 clips.\n#### 72", "72"), ("1,000", "1000"),
+    (" -012.50 ", "-12.5"), ("\\boxed{7}", "7"), ("Paris", "Paris"), ("The answer is Paris.", "Paris"),
+    ("3 apples", "3 apples"),
+])
+def test_reference_answer_is_a_canonical_number_or_the_text(reference, expected):
+    assert reference_answer(reference) == expected
+    assert reference_answer(expected) == expected  # idempotent: the driver and the scorer both apply it
+
+
+def test_text_answers_match_as_normalised_strings_and_never_raise():
+    """One matching rule for every caller (the reward actor, evaluation, Pass@N): a text reference
+    is a string match; numbers in a reply to a text question are just wrong, not an error."""
+    assert answers_match("The answer is paris.", "Paris")
+    assert answers_match("Paris", "Paris") and answers_match("It is 12 km away.\nThe answer is: the Paris", "Paris")
+    assert not answers_match("I think the capital is Paris", "Paris")  # no marker: the last line must be it
+    assert not answers_match("12 + 7 = 19. The answer is 19.", "Paris")
+    assert binary_reward("12 + 7 = 19. The answer is 19.", "Paris") == 0.0
+    assert graded_reward("The answer is 19.", "Paris") == 0.0 and graded_reward("The answer is Paris", "Paris") == 1.0
+    assert accuracy(["The answer is Paris", "19"], ["Paris", "The answer is Paris."]) == 0.5
+    assert answers_match("The answer is 19.0", "19") and not answers_match("The answer is nineteen", "19")
 
 
 def test_graded_reward_orders_wrong_answers_by_closeness():
