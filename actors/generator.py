@@ -30,13 +30,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from larpo_ray import weight_transport
 from larpo_ray.config import GenerationConfig, ModelConfig
+from larpo_ray.models import read_model_facts
 from larpo_ray.types import Candidate, Prompt
 
 
@@ -61,37 +61,6 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release the engine's processes and memory."""
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What both engines need to know about a model folder besides its weights."""
-
-    stop_ids: frozenset[int]  # every EOS id: tokenizer, config and generation_config
-    pad_id: int
-    tied_embeddings: bool  # lm_head shares the input embedding matrix
-
-
-def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelFacts:
-    """EOS ids, pad id and embedding tying of a model folder (config files and tokenizer)."""
-    from transformers import AutoConfig
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    from larpo_ray.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    try:
-        gen_config = HFGenerationConfig.from_pretrained(model_path)
-    except OSError:  # no generation_config.json: the model config and tokenizer suffice
-        gen_config = None
-    stop_ids = {tokenizer.eos_token_id}
-    for source in (config, gen_config):
-        ids = getattr(source, "eos_token_id", None)
-        stop_ids.update([ids] if isinstance(ids, int) else ids or [])
-    stop_ids.discard(None)
-    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
-    return ModelFacts(frozenset(stop_ids), tokenizer.pad_token_id, tied)
 
 
 def as_tensors(weights: dict, tied_embeddings: bool) -> dict:
@@ -345,13 +314,6 @@ ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}
 # --------------------------------------------------------------------------------------------
 # The actor role
 # --------------------------------------------------------------------------------------------
-
-def sample_temperatures(k: int, temperature: float, mixed: Sequence[float] = ()) -> list[float]:
-    """Temperatures of a prompt's k samples: all `temperature`, or `mixed` round-robin."""
-    if mixed:
-        return [mixed[i % len(mixed)] for i in range(k)]
-    return [temperature] * k
-
 
 class Generator:
     """Samples candidates from the current policy and takes weight updates from the learner."""

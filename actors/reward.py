@@ -32,14 +32,10 @@ from larpo_ray.config import RewardConfig
 from larpo_ray.models import require_safetensors
 from larpo_ray import tasks
 from larpo_ray.tasks import REWARDS
-from larpo_ray.types import Candidate, Prompt, ScoredCandidate
+from larpo_ray.types import Candidate, Prompt, ScoredCandidate, ScorerError
 
 log = logging.getLogger(__name__)
 
-
-
-class ScorerError(RuntimeError):
-    """A scorer that cannot produce scores (down, misconfigured, returning garbage)."""
 
 
 class Scorer(Protocol):
@@ -341,13 +337,3 @@ def _check(raw: object) -> tuple[float, str]:
     return (value, "inf") if math.isinf(value) else (value, "")
 
 
-def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float]) -> float:
-    """Fraction of prompts where a's reward beats b's (ties count half), e.g. policy vs initial.
-
-    Inputs are finite rewards (ScoredCandidate rewards are); a NaN would count as a loss for both.
-    """
-    if len(rewards_a) != len(rewards_b) or not rewards_a:
-        raise ValueError(f"win_rate needs two equal, non-empty reward lists (one per prompt); got "
-                         f"{len(rewards_a)} and {len(rewards_b)}")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b))
-    return wins / len(rewards_a)

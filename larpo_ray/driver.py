@@ -22,15 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from actors.generator import sample_temperatures
-from actors.reward import win_rate
 from larpo_ray import checkpoint
 from larpo_ray.checkpoint import LoopState
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
 from larpo_ray.storage import RunStorage
-from larpo_ray.tasks import binary_reward, pass_at_n, reference_answer
+from larpo_ray.tasks import binary_reward, pass_at_n, reference_answer, win_rate
 from larpo_ray.topology import Rollout, Runtime
 from larpo_ray.tracking import Tracker, jsonable
 from larpo_ray.types import Prompt, RankedList
@@ -257,6 +255,13 @@ def _permutation(seed: int, n: int, epoch: int) -> list[int]:
     perm = list(range(n))
     random.Random(f"{seed}:prompts:{epoch}").shuffle(perm)
     return perm
+
+
+def sample_temperatures(k: int, temperature: float, mixed: Sequence[float] = ()) -> list[float]:
+    """Temperatures of a prompt's k samples: all `temperature`, or `mixed` round-robin."""
+    if mixed:
+        return [mixed[i % len(mixed)] for i in range(k)]
+    return [temperature] * k
 
 
 def temperatures_for(cfg: Config, iteration: int) -> list[float]:

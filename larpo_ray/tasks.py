@@ -378,3 +378,15 @@ def pass_at_n(correct_flags_per_prompt: Sequence[Sequence[bool]], n: int) -> flo
             raise ValueError(f"Pass@{n} needs >= {n} samples per prompt; a prompt has {total}")
         scores.append(1.0 - math.comb(total - c, n) / math.comb(total, n))
     return sum(scores) / len(scores)
+
+
+def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float]) -> float:
+    """Fraction of prompts where a's reward beats b's (ties count half), e.g. policy vs initial.
+
+    Inputs are finite rewards (ScoredCandidate rewards are); a NaN would count as a loss for both.
+    """
+    if len(rewards_a) != len(rewards_b) or not rewards_a:
+        raise ValueError(f"win_rate needs two equal, non-empty reward lists (one per prompt); got "
+                         f"{len(rewards_a)} and {len(rewards_b)}")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b))
+    return wins / len(rewards_a)

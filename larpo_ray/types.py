@@ -72,3 +72,7 @@ class TrainResult:
     policy_version: int
     metrics: dict[str, float]  # iteration means: loss, reward_accuracy, margin, ...
     step_metrics: list[dict[str, float]] = field(default_factory=list)  # one dict per optimizer step
+
+
+class ScorerError(RuntimeError):
+    """A scorer that cannot produce scores (down, misconfigured, returning garbage)."""

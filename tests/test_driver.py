@@ -7,7 +7,6 @@ import pytest
 
 from larpo_ray.config import load_config
 from larpo_ray.driver import run_loop, sample_prompts, temperatures_for
-from larpo_ray.tasks import make_splits
 from larpo_ray.types import Prompt
 
 

@@ -3,8 +3,6 @@ learner workers in a Ray Train group, 2 iterations, weights synced over gloo (is
 least one real LARPO run)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.generator import ENGINES, Generator, read_model_facts, sample_temperatures
+from actors.generator import ENGINES, Generator
+from larpo_ray.driver import sample_temperatures
+from larpo_ray.models import read_model_facts
 from larpo_ray.config import GenerationConfig, ModelConfig
 from larpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
 from larpo_ray.types import Prompt

@@ -59,6 +59,25 @@ def test_core_modules_import_without_ray_vllm_deepspeed(module):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+# The roles (actors/) build on the core (larpo_ray/), never the reverse, except where Ray wires
+# the roles together: the topology and the learner group.
+WIRING = {"topology.py", "learner_group.py"}
+
+
+def test_the_core_does_not_import_the_roles():
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "larpo_ray").glob("*.py")):
+        if path.name in WIRING:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "actors"]
+    assert not offenders, offenders
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     quick = readme.split("## Quick start", 1)[1].split("```", 2)[1]

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from actors.reward import (SCORERS, HTTPScorer, RewardActor, RewardModelScorer, RuleScorer, ScorerError,
-                           make_scorer, win_rate)
+                           make_scorer)
+from larpo_ray.tasks import win_rate
 from larpo_ray.config import RewardConfig
 from larpo_ray.types import Candidate, Prompt
 

@@ -115,7 +115,7 @@ def test_a_run_on_s3_writes_everything_there_resumes_from_there_and_reports(s3, 
                            capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "larpo-ray: run folder s3://runs/tiny/run-1 (staged on this node in" in first.stdout
-    assert f"python -m larpo_ray.report s3://runs/tiny/run-1" in first.stdout
+    assert "python -m larpo_ray.report s3://runs/tiny/run-1" in first.stdout
     st = RunStorage(str(tmp_path / "elsewhere"), uri)  # read the bucket into a fresh folder
     for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "eval", "checkpoints", "policy", "wandb", "logs"):
         assert st.pull(name), f"{name} is not on S3"
