@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_ALLOW_INSECURE_SERIALIZATION ?= 1
 ARGS ?=
 
-.PHONY: install run test test-fast soak clean-venv
+.PHONY: install run lint test test-fast soak clean-venv
 
 install: $(STAMP)
 
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 run: $(STAMP)
 	$(PY) -m larpo_ray.run $(ARGS)
 
-test: $(STAMP)
+# ruff (lint + format, line length 120; pyproject.toml [tool.ruff]): `ruff format .` fixes the format.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -m "not soak" $(ARGS)
 
 test-fast: $(STAMP)

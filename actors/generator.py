@@ -51,8 +51,14 @@ class Sample(NamedTuple):
 class Engine(Protocol):
     """What a generation engine offers the Generator."""
 
-    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        temperatures: Sequence[float],
+        max_new_tokens: int,
+        top_p: float,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
         """For each prompt, one Sample per entry of `temperatures` (same order). With a `seed`
         the samples do not depend on what the engine ran before (vLLM: not on the batch either)."""
 
@@ -73,8 +79,10 @@ def as_tensors(weights: dict, tied_embeddings: bool) -> dict:
 
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
-                   for name, a in weights.items()}
+        tensors = {
+            name: torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+            for name, a in weights.items()
+        }
     if tied_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors
@@ -83,6 +91,7 @@ def as_tensors(weights: dict, tied_embeddings: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 # vLLM
 # --------------------------------------------------------------------------------------------
+
 
 def _reload(worker, path: str) -> None:
     """Runs inside each vLLM worker: reload the model weights from a safetensors file.
@@ -126,33 +135,51 @@ class VLLMEngine:
         extra = {"weight_transfer_config": {"backend": "ipc"}} if self.native_sync else {}
         self.facts = read_model_facts(model_path, model_cfg.trust_remote_code)
         self.llm = LLM(
-            model=model_path, dtype=model_cfg.dtype, max_model_len=model_cfg.max_model_len,
+            model=model_path,
+            dtype=model_cfg.dtype,
+            max_model_len=model_cfg.max_model_len,
             enforce_eager=not self.on_gpu,  # CUDA graphs are GPU-only
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
             seed=gen_cfg.seed,
             tensor_parallel_size=gen_cfg.tensor_parallel_size,
             trust_remote_code=model_cfg.trust_remote_code,
             load_format="safetensors",  # never unpickle .bin weights (security)
-            logprobs_mode="processed_logprobs", **extra, **_cpu_scheduling(self.on_gpu, model_cfg))
+            logprobs_mode="processed_logprobs",
+            **extra,
+            **_cpu_scheduling(self.on_gpu, model_cfg),
+        )
         if self.native_sync:
             self.llm.init_weight_transfer_engine({"init_info": {"packed": False}})
 
-    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        temperatures: Sequence[float],
+        max_new_tokens: int,
+        top_p: float,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(
-            temperature=t, top_p=top_p if t > 0 else 1.0, max_tokens=max_new_tokens,
-            logprobs=0,  # just the sampled token's log-prob
-            stop_token_ids=sorted(self.facts.stop_ids), detokenize=False,  # Generator decodes
-            seed=None if seed is None or t == 0 else sample_seed(seed, p.uid, j),
-        ) for p in prompts for j, t in enumerate(temperatures)]
+        params = [
+            SamplingParams(
+                temperature=t,
+                top_p=top_p if t > 0 else 1.0,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # just the sampled token's log-prob
+                stop_token_ids=sorted(self.facts.stop_ids),
+                detokenize=False,  # Generator decodes
+                seed=None if seed is None or t == 0 else sample_seed(seed, p.uid, j),
+            )
+            for p in prompts
+            for j, t in enumerate(temperatures)
+        ]
         inputs = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
         outputs = self.llm.generate([x for x in inputs for _ in temperatures], params, use_tqdm=False)
         samples = [_vllm_sample(o.outputs[0]) for o in outputs]  # same order as the requests
         k = len(temperatures)
-        return [samples[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         tensors = as_tensors(weights, self.facts.tied_embeddings)
@@ -191,12 +218,16 @@ class VLLMEngine:
         gpu_uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         on_gpu = {name: t.to("cuda").contiguous() for name, t in tensors.items()}
         self.llm.start_weight_update()
-        self.llm.update_weights({"update_info": {
-            "names": list(on_gpu),
-            "dtype_names": [str(t.dtype).removeprefix("torch.") for t in on_gpu.values()],
-            "shapes": [list(t.shape) for t in on_gpu.values()],
-            "ipc_handles": [{gpu_uuid: reduce_tensor(t)[1]} for t in on_gpu.values()],
-        }})
+        self.llm.update_weights(
+            {
+                "update_info": {
+                    "names": list(on_gpu),
+                    "dtype_names": [str(t.dtype).removeprefix("torch.") for t in on_gpu.values()],
+                    "shapes": [list(t.shape) for t in on_gpu.values()],
+                    "ipc_handles": [{gpu_uuid: reduce_tensor(t)[1]} for t in on_gpu.values()],
+                }
+            }
+        )
         self.llm.finish_weight_update()
         del on_gpu  # the worker has copied them; free the staging copies
         torch.cuda.ipc_collect()
@@ -232,6 +263,7 @@ def _vllm_sample(completion) -> Sample:
 # HF transformers
 # --------------------------------------------------------------------------------------------
 
+
 class HFEngine:
     """transformers `generate`, batched with left padding, one batch per distinct temperature."""
 
@@ -244,8 +276,14 @@ class HFEngine:
         self.model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code).eval()
         torch.manual_seed(gen_cfg.seed)  # generate has no generator argument: seed once
 
-    def generate(self, prompts: Sequence[Prompt], temperatures: Sequence[float],
-                 max_new_tokens: int, top_p: float, seed: int | None = None) -> list[list[Sample]]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        temperatures: Sequence[float],
+        max_new_tokens: int,
+        top_p: float,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
         import torch
 
         if seed is not None:  # one RNG per call: samples depend on the batch and the seed
@@ -253,16 +291,15 @@ class HFEngine:
         out: list[list[Sample | None]] = [[None] * len(temperatures) for _ in prompts]
         for temperature in sorted(set(temperatures)):
             # Every (prompt, slot) sampled at this temperature goes into one batch.
-            rows = [(i, j) for i in range(len(prompts))
-                    for j, t in enumerate(temperatures) if t == temperature]
-            samples = self._generate_rows([prompts[i].token_ids for i, _ in rows],
-                                          temperature, max_new_tokens, top_p)
+            rows = [(i, j) for i in range(len(prompts)) for j, t in enumerate(temperatures) if t == temperature]
+            samples = self._generate_rows([prompts[i].token_ids for i, _ in rows], temperature, max_new_tokens, top_p)
             for (i, j), sample in zip(rows, samples):
                 out[i][j] = sample
         return out  # type: ignore[return-value]
 
-    def _generate_rows(self, token_ids: list[Sequence[int]], temperature: float,
-                       max_new_tokens: int, top_p: float) -> list[Sample]:
+    def _generate_rows(
+        self, token_ids: list[Sequence[int]], temperature: float, max_new_tokens: int, top_p: float
+    ) -> list[Sample]:
         import torch
         from transformers import GenerationConfig as HFGenerationConfig
 
@@ -274,25 +311,31 @@ class HFEngine:
         # An explicit config, so warpers saved with the model (penalties) do not apply; top_k=0
         # because transformers fills an unset top_k with 50, which vLLM does not apply.
         config = HFGenerationConfig(
-            do_sample=sampled, temperature=temperature if sampled else None,
-            top_p=top_p if sampled else None, top_k=0 if sampled else None,
+            do_sample=sampled,
+            temperature=temperature if sampled else None,
+            top_p=top_p if sampled else None,
+            top_k=0 if sampled else None,
             max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(self.facts.stop_ids), pad_token_id=pad,
-            output_scores=True, return_dict_in_generate=True)
+            eos_token_id=sorted(self.facts.stop_ids),
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                      generation_config=config)
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         new = out.sequences[:, width:]
         # `scores` are the processed logits (after temperature and top-p) each step sampled from.
-        logps = torch.stack([torch.log_softmax(s.float(), -1).gather(1, new[:, i:i + 1])[:, 0]
-                             for i, s in enumerate(out.scores)], dim=1)
+        logps = torch.stack(
+            [torch.log_softmax(s.float(), -1).gather(1, new[:, i : i + 1])[:, 0] for i, s in enumerate(out.scores)],
+            dim=1,
+        )
         return [self._trim(new[r].tolist(), logps[r].tolist()) for r in range(len(token_ids))]
 
     def _trim(self, ids: list[int], logps: list[float]) -> Sample:
         """Cut a padded row after its first EOS (kept), or mark it truncated by length."""
         for n, tok in enumerate(ids):
             if tok in self.facts.stop_ids:
-                return Sample(tuple(ids[:n + 1]), tuple(logps[:n + 1]), "stop")
+                return Sample(tuple(ids[: n + 1]), tuple(logps[: n + 1]), "stop")
         return Sample(tuple(ids), tuple(logps), "length")
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -301,8 +344,10 @@ class HFEngine:
         if self.facts.tied_embeddings:  # the head is the embedding, loaded under its own name
             missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"weights do not fit the policy: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}; send the learner's full state_dict (HF names)")
+            raise ValueError(
+                f"weights do not fit the policy: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; send the learner's full state_dict (HF names)"
+            )
 
     def close(self) -> None:
         """Nothing to release beyond the model, which goes with the object."""
@@ -314,6 +359,7 @@ ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}
 # --------------------------------------------------------------------------------------------
 # The actor role
 # --------------------------------------------------------------------------------------------
+
 
 class Generator:
     """Samples candidates from the current policy and takes weight updates from the learner."""
@@ -341,8 +387,13 @@ class Generator:
         """This process's id (health checks)."""
         return os.getpid()
 
-    def generate(self, prompts: list[Prompt], temperatures: list[float],
-                 max_new_tokens: int | None = None, seed: int | None = None) -> list[Candidate]:
+    def generate(
+        self,
+        prompts: list[Prompt],
+        temperatures: list[float],
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> list[Candidate]:
         """len(temperatures) candidates per prompt, prompt-major (prompt 0's first); with a
         `seed`, the samples depend only on the prompts, the weights and the seed."""
         max_new = self.gen_cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -351,11 +402,17 @@ class Generator:
             return []
         samples = self.engine.generate(prompts, temperatures, max_new, self.gen_cfg.top_p, seed)
         return [
-            Candidate(prompt_uid=prompt.uid, token_ids=s.token_ids,
-                      text=self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                      sample_logps=s.logps, temperature=t, policy_version=self._version,
-                      finish_reason=s.finish_reason)
-            for prompt, row in zip(prompts, samples) for s, t in zip(row, temperatures)
+            Candidate(
+                prompt_uid=prompt.uid,
+                token_ids=s.token_ids,
+                text=self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                sample_logps=s.logps,
+                temperature=t,
+                policy_version=self._version,
+                finish_reason=s.finish_reason,
+            )
+            for prompt, row in zip(prompts, samples)
+            for s, t in zip(row, temperatures)
         ]
 
     def load_weights(self, version: int, weights: dict[str, np.ndarray]) -> dict:
@@ -364,13 +421,13 @@ class Generator:
         self.engine.load_weights(weights)
         self._version = version
         unique = {id(a): a.nbytes for a in weights.values()}  # a tied head shares the embedding
-        return {"version": version, "bytes": int(sum(unique.values())),
-                "seconds": time.perf_counter() - start}
+        return {"version": version, "bytes": int(sum(unique.values())), "seconds": time.perf_counter() - start}
 
     # ---- the collective weight transport (larpo_ray.weight_transport) ---------------------------
 
-    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str,
-                          timeout_s: float) -> int:
+    def join_weight_group(
+        self, addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> int:
         """Become member `rank` of the learner's weight group; blocks until every member joined.
         Returns this process's id (a restarted actor is a new process, outside the group)."""
         import torch
@@ -385,15 +442,20 @@ class Generator:
     def receive_weights(self, version: int, meta: list[weight_transport.TensorMeta], bucket_bytes: int) -> dict:
         """Receive the weights the learner's rank 0 broadcasts, load them, take `version`."""
         if self._weight_group is None:
-            raise RuntimeError("this generator is in no weight group (restarted since it was opened?); "
-                               "the driver re-opens the group")
+            raise RuntimeError(
+                "this generator is in no weight group (restarted since it was opened?); the driver re-opens the group"
+            )
         start = time.perf_counter()
         tensors = weight_transport.receive(self._weight_group, meta, bucket_bytes, self._weight_device)
         received = time.perf_counter()
         self.engine.load_weights(tensors)
         self._version = version
-        return {"version": version, "bytes": int(sum(m.nbytes for m in meta)),
-                "seconds": time.perf_counter() - start, "receive_seconds": received - start}
+        return {
+            "version": version,
+            "bytes": int(sum(m.nbytes for m in meta)),
+            "seconds": time.perf_counter() - start,
+            "receive_seconds": received - start,
+        }
 
     def close(self) -> None:
         """Shut the engine down (vLLM: its engine and worker processes)."""
@@ -407,4 +469,5 @@ class Generator:
                     f"prompt {prompt.uid} has {len(prompt.token_ids)} tokens but model."
                     f"max_model_len {self.model_cfg.max_model_len} - max_new_tokens "
                     f"{max_new_tokens} leaves room for {room}: shorten it (data."
-                    f"max_prompt_tokens) or raise model.max_model_len")
+                    f"max_prompt_tokens) or raise model.max_model_len"
+                )

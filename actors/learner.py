@@ -45,10 +45,14 @@ from larpo_ray.models import load_causal_lm, load_tokenizer
 from larpo_ray.types import RankedList, TrainResult
 
 # Order of the per-step sums that are all-reduced (weights follow losses.py's reduction rule).
-_SUMS = ("loss", "n_active", "n_pairs", "reward_accuracy", "margin", "chosen_reward",
-         "rejected_reward", "tokens")
-_WEIGHT = {"loss": "n_active", "reward_accuracy": "n_pairs", "margin": "n_pairs",
-           "chosen_reward": "n_active", "rejected_reward": "n_active"}
+_SUMS = ("loss", "n_active", "n_pairs", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "tokens")
+_WEIGHT = {
+    "loss": "n_active",
+    "reward_accuracy": "n_pairs",
+    "margin": "n_pairs",
+    "chosen_reward": "n_active",
+    "rejected_reward": "n_active",
+}
 
 
 def use_bf16(precision: str) -> bool:
@@ -63,8 +67,13 @@ def deepspeed_config(cfg: LearnerConfig, bf16: bool) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:  # DeepSpeed then builds DeepSpeedCPUAdam (JIT-compiled once)
         zero["offload_optimizer"] = {"device": "cpu"}
-    adam = {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
-            "torch_adam": not cfg.offload_optimizer}  # FusedAdam needs CUDA; torch's runs anywhere
+    adam = {
+        "lr": cfg.lr,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": cfg.weight_decay,
+        "torch_adam": not cfg.offload_optimizer,
+    }  # FusedAdam needs CUDA; torch's runs anywhere
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -102,8 +111,10 @@ def init_distributed(world_size: int, backend: str) -> None:
     processes, whose own single-rank group would then fail with EADDRINUSE."""
     if not dist.is_initialized():
         if world_size != 1:
-            raise RuntimeError(f"world_size = {world_size} needs an initialized process group: "
-                               "run the workers through RayLearnerGroup (Ray Train)")
+            raise RuntimeError(
+                f"world_size = {world_size} needs an initialized process group: "
+                "run the workers through RayLearnerGroup (Ray Train)"
+            )
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -121,9 +132,17 @@ def disable_dropout(model: torch.nn.Module) -> None:
 class LearnerWorker:
     """One data-parallel learner rank: a DeepSpeed engine around the policy, plus the reference."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, loss_cfg: LossConfig,
-                 learner_cfg: LearnerConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 resume_from: str | Path | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        learner_cfg: LearnerConfig,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        resume_from: str | Path | None = None,
+    ):
         """`resume_from`: a checkpoint folder (larpo_ray.checkpoint) to continue from: its policy
         weights, this rank's optimizer state and the step count; `model_path` stays the initial
         policy (the reference when loss.reference = initial)."""
@@ -132,9 +151,11 @@ class LearnerWorker:
         self._weight_store = self._weight_group = None  # rank 0's weight broadcast group, once opened
         init_distributed(world_size, "nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise RuntimeError(f"process group is rank {dist.get_rank()} of "
-                               f"{dist.get_world_size()}, but the worker was told {rank} of "
-                               f"{world_size}")
+            raise RuntimeError(
+                f"process group is rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}, but the worker was told {rank} of "
+                f"{world_size}"
+            )
         torch.manual_seed(seed)
         resume_from = Path(resume_from) if resume_from is not None else None
         policy_path = resume_from / "policy" if resume_from is not None else model_path
@@ -147,16 +168,21 @@ class LearnerWorker:
         # Classic iterative DPO keeps pi_0 as reference [ours: knob]; the paper uses pi_s.
         self.initial = None
         if loss_cfg.reference == "initial":
-            initial = (copy.deepcopy(model) if resume_from is None else
-                       load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code))
+            initial = (
+                copy.deepcopy(model)
+                if resume_from is None
+                else load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code)
+            )
             disable_dropout(initial)
             self.initial = initial.requires_grad_(False).eval()
             self.initial.to(torch.bfloat16 if bf16 else model.dtype)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(learner_cfg, bf16))
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(learner_cfg, bf16),
+        )
         if self.initial is not None:
             self.initial.to(self.engine.device)
         options = {"ndcg_weights": loss_cfg.ndcg_weights} if loss_cfg.name == "lambdarank" else {}
@@ -180,12 +206,12 @@ class LearnerWorker:
         if self.world_size == 1:
             return
         tokens = sum(len(sc.candidate.token_ids) for lst in lists for sc in lst.candidates)
-        mine = torch.tensor([len(lists), tokens, sum(sum(lst.labels) for lst in lists)],
-                            dtype=torch.float64)
+        mine = torch.tensor([len(lists), tokens, sum(sum(lst.labels) for lst in lists)], dtype=torch.float64)
         most = self._all_reduce(torch.cat([mine, -mine]), dist.ReduceOp.MAX)  # max and -min
         if not torch.equal(most[:3], -most[3:]):  # every rank sees the mismatch, none hangs
-            raise RuntimeError("learner ranks received different lists; every rank must get the "
-                               "same global list of RankedLists")
+            raise RuntimeError(
+                "learner ranks received different lists; every rank must get the same global list of RankedLists"
+            )
 
     # ---- forward passes ------------------------------------------------------------------------
 
@@ -202,10 +228,11 @@ class LearnerWorker:
     def _plan(self, lists: Sequence[RankedList], indices: Sequence[int]) -> tuple[list, int]:
         """This rank's micro-batches (lists of indices into `lists`) for the global `indices`,
         and the most micro-batches any rank has (every rank derives it: no communication)."""
+
         def groups(rank: int) -> list[list[int]]:
             mine = [indices[i] for i in shard(len(indices), rank, self.world_size)]
-            return [[mine[i] for i in g]
-                    for g in micro_batches([lists[i] for i in mine], self.cfg.micro_batch_tokens)]
+            return [[mine[i] for i in g] for g in micro_batches([lists[i] for i in mine], self.cfg.micro_batch_tokens)]
+
         return groups(self.rank), max(len(groups(r)) for r in range(self.world_size))
 
     @torch.no_grad()
@@ -224,7 +251,7 @@ class LearnerWorker:
             self._dummy_forward(model)
         self.engine.module.train()
         flat = self._all_reduce(flat)
-        return [flat[offsets[i]:offsets[i + 1]] for i in range(len(lists))]
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(lists))]
 
     def policy_logps(self, lists: Sequence[RankedList]) -> list[list[float]]:
         """Sequence log-probs of every candidate under the current policy (collective)."""
@@ -245,8 +272,9 @@ class LearnerWorker:
         # pi_ref = pi_s, the policy as it stands now (Algorithm 1), or the frozen pi_0.
         ref = self._no_grad_logps(self.engine if self.initial is None else self.initial, active)
         ref_by_list = iter(ref)
-        self.last_reference_logps = [next(ref_by_list).tolist() if has_strict_pair(lst)
-                                     else [math.nan] * len(lst.candidates) for lst in lists]
+        self.last_reference_logps = [
+            next(ref_by_list).tolist() if has_strict_pair(lst) else [math.nan] * len(lst.candidates) for lst in lists
+        ]
         ref_seconds, start = time.perf_counter() - start, time.perf_counter()
         steps = self._steps(iteration, len(active))
         step_metrics, sums = [], torch.zeros(len(_SUMS), dtype=torch.float64)
@@ -254,17 +282,23 @@ class LearnerWorker:
             lr = lr_at(i, len(steps), self.cfg)
             step_sums, grad_norm = self._train_step(active, ref, step_lists, lr)
             sums += step_sums
-            step_metrics.append({"step": float(self.global_step), "lr": lr,
-                                 "grad_norm": grad_norm, **_means(step_sums)})
+            step_metrics.append(
+                {"step": float(self.global_step), "lr": lr, "grad_norm": grad_norm, **_means(step_sums)}
+            )
             self.global_step += 1
         train_seconds = time.perf_counter() - start
-        metrics = {**_means(sums), "n_active": float(len(active)),
-                   "n_pairs": float(sums[_SUMS.index("n_pairs")]) / self.cfg.epochs,
-                   "n_no_pair": float(len(lists) - len(active)),
-                   "grad_norm": _mean(m["grad_norm"] for m in step_metrics),
-                   "lr": _mean(m["lr"] for m in step_metrics), "steps": float(len(steps)),
-                   "tokens_per_s": float(sums[_SUMS.index("tokens")]) / max(train_seconds, 1e-9),
-                   "ref_seconds": ref_seconds, "train_seconds": train_seconds}
+        metrics = {
+            **_means(sums),
+            "n_active": float(len(active)),
+            "n_pairs": float(sums[_SUMS.index("n_pairs")]) / self.cfg.epochs,
+            "n_no_pair": float(len(lists) - len(active)),
+            "grad_norm": _mean(m["grad_norm"] for m in step_metrics),
+            "lr": _mean(m["lr"] for m in step_metrics),
+            "steps": float(len(steps)),
+            "tokens_per_s": float(sums[_SUMS.index("tokens")]) / max(train_seconds, 1e-9),
+            "ref_seconds": ref_seconds,
+            "train_seconds": train_seconds,
+        }
         return TrainResult(iteration + 1, metrics, step_metrics)
 
     def _steps(self, iteration: int, n_lists: int) -> list[list[int]]:
@@ -274,11 +308,10 @@ class LearnerWorker:
         for epoch in range(self.cfg.epochs):
             order = np.random.default_rng([self.seed, iteration, epoch]).permutation(n_lists)
             size = self.cfg.prompts_per_step
-            steps += [order[s:s + size].tolist() for s in range(0, n_lists, size)]
+            steps += [order[s : s + size].tolist() for s in range(0, n_lists, size)]
         return steps
 
-    def _train_step(self, lists, ref: list[Tensor], step_lists: list[int],
-                    lr: float) -> tuple[Tensor, float]:
+    def _train_step(self, lists, ref: list[Tensor], step_lists: list[int], lr: float) -> tuple[Tensor, float]:
         """One optimizer step over the global `step_lists`; returns (global sums, grad norm)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -288,12 +321,13 @@ class LearnerWorker:
         for m in range(n_micro):
             self.engine.set_gradient_accumulation_boundary(m == n_micro - 1)
             if m < len(groups):
-                loss, metrics = self._micro_loss([lists[i] for i in groups[m]],
-                                                 [ref[i] for i in groups[m]])
+                loss, metrics = self._micro_loss([lists[i] for i in groups[m]], [ref[i] for i in groups[m]])
                 n_m = metrics["n_active"]
-                sums += torch.tensor([loss.item() * n_m] + [
-                    metrics[k] * metrics[_WEIGHT[k]] if k in _WEIGHT else metrics[k]
-                    for k in _SUMS[1:]], dtype=torch.float64)
+                sums += torch.tensor(
+                    [loss.item() * n_m]
+                    + [metrics[k] * metrics[_WEIGHT[k]] if k in _WEIGHT else metrics[k] for k in _SUMS[1:]],
+                    dtype=torch.float64,
+                )
                 loss = loss * (n_m / n_global * self.world_size)
             else:
                 loss = self._dummy_forward(self.engine)
@@ -316,15 +350,16 @@ class LearnerWorker:
             lengths_BK = torch.ones(policy_BK.shape, dtype=policy_BK.dtype, device=policy_BK.device)
             if not self.loss_cfg.length_normalize:  # per-token: divide the summed log-probs
                 for b, lst in enumerate(lists):
-                    lengths_BK[b, :len(lst.candidates)] = torch.tensor([len(c.candidate.token_ids) for c in lst.candidates])
+                    lengths_BK[b, : len(lst.candidates)] = torch.tensor(
+                        [len(c.candidate.token_ids) for c in lst.candidates]
+                    )
             loss = loss + self.loss_cfg.sft_weight * best_nll(policy_BK, lengths_BK, labels_BK, mask_BK)
         return loss, {**metrics, "tokens": float(batch.num_tokens)}
 
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping (ZeRO 0 fp32: DeepSpeed does not record it).
         Gradients are already averaged over ranks at the accumulation boundary."""
-        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters()
-                 if p.grad is not None]
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     # ---- weights -------------------------------------------------------------------------------
@@ -360,8 +395,7 @@ class LearnerWorker:
 
     def weight_meta(self) -> list[weight_transport.TensorMeta]:
         """What `broadcast_weights` sends, in order, in the module's dtype (bf16 stays bf16)."""
-        return [weight_transport.meta_of(name, t, getattr(t, "ds_shape", None))
-                for name, t in self._unique_weights()]
+        return [weight_transport.meta_of(name, t, getattr(t, "ds_shape", None)) for name, t in self._unique_weights()]
 
     def open_weight_group(self, timeout_s: float) -> int:
         """Rank 0: serve the rendezvous store of a new weight group; its port."""
@@ -373,8 +407,9 @@ class LearnerWorker:
         """Rank 0: join as the sender once every generator joined; None, or why it could not (a
         generator that never came: reported, not raised, so the learner group stays up)."""
         try:
-            self._weight_group = weight_transport.join("", 0, 0, world_size, backend, timeout_s,
-                                                       store=self._weight_store)
+            self._weight_group = weight_transport.join(
+                "", 0, 0, world_size, backend, timeout_s, store=self._weight_store
+            )
         except RuntimeError as err:  # gloo's connect timeout / a peer that went away
             self.close_weight_group()
             return f"{type(err).__name__}: {err}"
@@ -399,8 +434,11 @@ class LearnerWorker:
         if self.rank != 0 or self._weight_group is None:
             for _ in source:  # only the collective gathers
                 pass
-            return {"bytes": 0, "seconds": time.perf_counter() - start,
-                    "error": None if self.rank != 0 else "no weight group: open and join one first"}
+            return {
+                "bytes": 0,
+                "seconds": time.perf_counter() - start,
+                "error": None if self.rank != 0 else "no weight group: open and join one first",
+            }
         try:
             n_bytes, error = weight_transport.send(self._weight_group, meta, source, bucket_bytes), None
         except (RuntimeError, ValueError) as err:  # gloo/NCCL errors are RuntimeErrors
@@ -434,7 +472,6 @@ class LearnerWorker:
         if self.world_size > 1:
             dist.barrier()
 
-
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
@@ -450,8 +487,12 @@ class LearnerWorker:
         the fp32 master weights restart from the saved bf16 policy [ours: documented limit]."""
         path = Path(path)
         self.save_pretrained(path / "policy")
-        extra = {"global_step": self.global_step, "world_size": self.world_size,
-                 "zero_stage": self.cfg.zero_stage, "has_optimizer": with_optimizer}
+        extra = {
+            "global_step": self.global_step,
+            "world_size": self.world_size,
+            "zero_stage": self.cfg.zero_stage,
+            "has_optimizer": with_optimizer,
+        }
         if with_optimizer:
             save_optimizer(self._base_optimizer(), path / "learner", self.rank, extra)
         else:
@@ -463,14 +504,18 @@ class LearnerWorker:
     def _load_learner_state(self, path: Path) -> None:
         meta_path = path / "learner" / f"rank-{self.rank}.json"
         if not meta_path.is_file():
-            raise RuntimeError(f"checkpoint {path} has no learner state for rank {self.rank} "
-                               f"({meta_path}): resume with the learner.num_workers it was written with")
+            raise RuntimeError(
+                f"checkpoint {path} has no learner state for rank {self.rank} "
+                f"({meta_path}): resume with the learner.num_workers it was written with"
+            )
         meta = json.loads(meta_path.read_text())
         if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.cfg.zero_stage):
-            raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} learner "
-                               f"workers at ZeRO stage {meta['zero_stage']}; this group has "
-                               f"{self.world_size} at stage {self.cfg.zero_stage}: resume with "
-                               f"the same learner.num_workers and learner.zero_stage")
+            raise RuntimeError(
+                f"checkpoint {path} was written by {meta['world_size']} learner "
+                f"workers at ZeRO stage {meta['zero_stage']}; this group has "
+                f"{self.world_size} at stage {self.cfg.zero_stage}: resume with "
+                f"the same learner.num_workers and learner.zero_stage"
+            )
         if meta["has_optimizer"]:
             load_optimizer(self._base_optimizer(), path / "learner", self.rank)
         self.global_step = int(meta["global_step"])

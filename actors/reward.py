@@ -24,18 +24,18 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
+from larpo_ray import tasks
 from larpo_ray.config import RewardConfig
 from larpo_ray.models import require_safetensors
-from larpo_ray import tasks
 from larpo_ray.tasks import REWARDS
 from larpo_ray.types import Candidate, Prompt, ScoredCandidate, ScorerError
 
 log = logging.getLogger(__name__)
-
 
 
 class Scorer(Protocol):
@@ -64,8 +64,10 @@ def reference_answer(prompt: Prompt) -> str:
     """The prompt's reference as the rule matches it (`tasks.reference_answer`: GSM8K-style
     "rationale #### 72" becomes "72"; a text answer stays text)."""
     if prompt.answer is None:
-        raise ValueError(f"prompt {prompt.uid} has no reference answer, but reward.kind = rule needs one: "
-                         f"point data.answer_column at the answer column, or use reward.kind = model/http")
+        raise ValueError(
+            f"prompt {prompt.uid} has no reference answer, but reward.kind = rule needs one: "
+            f"point data.answer_column at the answer column, or use reward.kind = model/http"
+        )
     return tasks.reference_answer(prompt.answer)
 
 
@@ -90,14 +92,17 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         # use_safetensors: pickled .bin weights can run code when loaded; they are never read.
         self.model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_path, trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True)
+            model_path, trust_remote_code=trust_remote_code, output_loading_info=True, use_safetensors=True
+        )
         # A policy checkpoint loads "fine" with a randomly initialised head: refuse it, since
         # training on a random reranker's scores would fail silently.
         if self.model.config.num_labels != 1 or info["missing_keys"]:
-            raise ValueError(f"{model_path!r} is not a reward model with a trained scalar head "
-                             f"(num_labels = {self.model.config.num_labels}, missing weights: "
-                             f"{sorted(info['missing_keys'])[:4]}): give a sequence-classification RM "
-                             f"with num_labels = 1")
+            raise ValueError(
+                f"{model_path!r} is not a reward model with a trained scalar head "
+                f"(num_labels = {self.model.config.num_labels}, missing weights: "
+                f"{sorted(info['missing_keys'])[:4]}): give a sequence-classification RM "
+                f"with num_labels = 1"
+            )
         self.model.to(self.device).eval()
         self._set_padding()
         self.max_length = self._max_length()
@@ -136,9 +141,14 @@ class RewardModelScorer:
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 # add_special_tokens=False: the chat template already carries BOS where the RM wants it.
-                batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, return_tensors="pt",
-                                       truncation=self.max_length is not None, max_length=self.max_length,
-                                       add_special_tokens=False).to(self.device)
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    padding=True,
+                    return_tensors="pt",
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                    add_special_tokens=False,
+                ).to(self.device)
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 scores += logits[:, 0].float().cpu().tolist()
         return scores
@@ -162,21 +172,35 @@ class HTTPScorer:
     certificate and warns.
     """
 
-    def __init__(self, url: str, timeout_s: float = 30.0, max_retries: int = 3, verify_tls: bool = True,
-                 batch_size: int = 16, api_key_env: str = "LARPO_REWARD_API_KEY",
-                 backoff_s: float = 1.0, max_backoff_s: float = 30.0, ca_bundle: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 30.0,
+        max_retries: int = 3,
+        verify_tls: bool = True,
+        batch_size: int = 16,
+        api_key_env: str = "LARPO_REWARD_API_KEY",
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        ca_bundle: str | None = None,
+    ):
         import requests
 
         self.url, self.timeout_s, self.max_retries, self.verify_tls = url, timeout_s, max_retries, verify_tls
         self.batch_size, self.backoff_s, self.max_backoff_s = batch_size, backoff_s, max_backoff_s
         if ca_bundle is not None and not Path(ca_bundle).is_file():
-            raise ScorerError(f"reward.ca_bundle {ca_bundle!r} is not a file on this node: give the path of a "
-                              f"PEM file with the CA certificate(s) of {url}")
+            raise ScorerError(
+                f"reward.ca_bundle {ca_bundle!r} is not a file on this node: give the path of a "
+                f"PEM file with the CA certificate(s) of {url}"
+            )
         self.verify: bool | str = (ca_bundle or True) if verify_tls else False  # requests' `verify`
         if not verify_tls:
-            log.warning("reward.verify_tls = false: the reward server %s is not authenticated, so anyone on the "
-                        "network path can read the API key and forge scores; set reward.ca_bundle to its CA "
-                        "certificate instead", url)
+            log.warning(
+                "reward.verify_tls = false: the reward server %s is not authenticated, so anyone on the "
+                "network path can read the API key and forge scores; set reward.ca_bundle to its CA "
+                "certificate instead",
+                url,
+            )
         self._session = requests.Session()
         self._api_key = os.environ.get(api_key_env) or None
         if self._api_key:
@@ -184,18 +208,27 @@ class HTTPScorer:
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, trust_remote_code: bool = False) -> HTTPScorer:
-        return cls(cfg.url, cfg.timeout_s, cfg.max_retries, cfg.verify_tls, cfg.batch_size, cfg.api_key_env,
-                   ca_bundle=cfg.ca_bundle)
+        return cls(
+            cfg.url,
+            cfg.timeout_s,
+            cfg.max_retries,
+            cfg.verify_tls,
+            cfg.batch_size,
+            cfg.api_key_env,
+            ca_bundle=cfg.ca_bundle,
+        )
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: "
-                             f"give one prompt per response")
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one prompt per response")
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
-            ps, rs = prompts[start:start + self.batch_size], list(responses[start:start + self.batch_size])
-            payload = {"prompts": [p.text for p in ps], "responses": rs,
-                       "messages": [[{"role": r, "content": c} for r, c in p.messages] for p in ps]}
+            ps, rs = prompts[start : start + self.batch_size], list(responses[start : start + self.batch_size])
+            payload = {
+                "prompts": [p.text for p in ps],
+                "responses": rs,
+                "messages": [[{"role": r, "content": c} for r, c in p.messages] for p in ps],
+            }
             scores += self._post(payload, len(rs))
         return scores
 
@@ -210,9 +243,11 @@ class HTTPScorer:
             try:
                 resp = self._session.post(self.url, json=payload, timeout=self.timeout_s, verify=self.verify)
             except requests.exceptions.SSLError as err:  # a certificate will not fix itself: no retry
-                raise ScorerError(f"reward server {self.url}: TLS verification failed ({self._redact(err)}); "
-                                  f"fix the server's certificate, or point reward.ca_bundle at the PEM of the "
-                                  f"CA that signed it (for a self-signed server: its certificate)") from None
+                raise ScorerError(
+                    f"reward server {self.url}: TLS verification failed ({self._redact(err)}); "
+                    f"fix the server's certificate, or point reward.ca_bundle at the PEM of the "
+                    f"CA that signed it (for a self-signed server: its certificate)"
+                ) from None
             except requests.Timeout:
                 last = f"timed out after reward.timeout_s = {self.timeout_s} s"
                 continue
@@ -223,13 +258,17 @@ class HTTPScorer:
                 last = f"HTTP {resp.status_code}: {self._redact(resp.text)[:200]}"
                 continue
             if resp.status_code >= 400:
-                raise ScorerError(f"reward server {self.url} rejected the request with HTTP {resp.status_code} "
-                                  f"({self._redact(resp.text)[:200]}); check the URL, the API key in the env "
-                                  f"and that the server speaks the HTTPScorer protocol")
+                raise ScorerError(
+                    f"reward server {self.url} rejected the request with HTTP {resp.status_code} "
+                    f"({self._redact(resp.text)[:200]}); check the URL, the API key in the env "
+                    f"and that the server speaks the HTTPScorer protocol"
+                )
             return self._parse(resp, n)
-        raise ScorerError(f"reward server {self.url} is down or too slow: {self.max_retries + 1} attempts failed, "
-                          f"last: {last}. Check that it is running and reachable from this node, or raise "
-                          f"reward.timeout_s / reward.max_retries")
+        raise ScorerError(
+            f"reward server {self.url} is down or too slow: {self.max_retries + 1} attempts failed, "
+            f"last: {last}. Check that it is running and reachable from this node, or raise "
+            f"reward.timeout_s / reward.max_retries"
+        )
 
     def _parse(self, resp, n: int) -> list[float]:
         """Validate the `{"scores": [...]}` body; anything else is the server's bug, named."""
@@ -237,18 +276,20 @@ class HTTPScorer:
         try:
             body = resp.json()
         except ValueError:
-            raise ScorerError(f"{where} returned a body that is not JSON: {self._redact(resp.text)[:100]!r}; "
-                              f'expected {{"scores": [...]}}') from None
+            raise ScorerError(
+                f"{where} returned a body that is not JSON: {self._redact(resp.text)[:100]!r}; "
+                f'expected {{"scores": [...]}}'
+            ) from None
         scores = body.get("scores") if isinstance(body, dict) else None
         if not isinstance(scores, list):
             raise ScorerError(f'{where} returned {self._redact(body)[:100]!r}; expected {{"scores": [...]}}')
         if len(scores) != n:
-            raise ScorerError(f"{where} returned {len(scores)} scores for {n} responses; "
-                              f"expected one per response")
+            raise ScorerError(f"{where} returned {len(scores)} scores for {n} responses; expected one per response")
         bad = next((s for s in scores if isinstance(s, bool) or not isinstance(s, (int, float))), None)
         if bad is not None:
-            raise ScorerError(f"{where} returned a non-numeric score {self._redact(bad)[:50]!r}; "
-                              f"scores must be numbers")
+            raise ScorerError(
+                f"{where} returned a non-numeric score {self._redact(bad)[:50]!r}; scores must be numbers"
+            )
         return [float(s) for s in scores]
 
     def _redact(self, text: object) -> str:
@@ -288,11 +329,13 @@ class RewardActor:
         """Score `candidates` against their prompts (keyed by uid); see the module docstring."""
         unknown = sorted({c.prompt_uid for c in candidates} - set(prompts))
         if unknown:
-            raise ValueError(f"{len(unknown)} candidates' prompt uids are not among the {len(prompts)} prompts "
-                             f"given (e.g. {unknown[0]!r}): pass the prompts the candidates were sampled for")
+            raise ValueError(
+                f"{len(unknown)} candidates' prompt uids are not among the {len(prompts)} prompts "
+                f"given (e.g. {unknown[0]!r}): pass the prompts the candidates were sampled for"
+            )
         scored, failures, first_error, start_s = [], Counter(), None, time.perf_counter()
         for start in range(0, len(candidates), self.cfg.batch_size):
-            batch = candidates[start:start + self.cfg.batch_size]
+            batch = candidates[start : start + self.cfg.batch_size]
             try:
                 scores = self.scorer.score([prompts[c.prompt_uid] for c in batch], [c.text for c in batch])
             except Exception as err:  # one bad batch costs its candidates, not the run
@@ -316,13 +359,21 @@ class RewardActor:
         n_failed = sum(failures.values())
         if total and n_failed == total:
             where = f"iteration {iteration}" if iteration >= 0 else "the held-out evaluation"
-            raise ScorerError(f"all {total} candidates of {where} failed to score ({failures}); "
-                              f"first error: {first_error!r}. The reward.kind = {self.cfg.kind} scorer looks "
-                              f"broken: fix it (the first error says how) and run again; nothing unscored "
-                              f"was trained on") from first_error
+            raise ScorerError(
+                f"all {total} candidates of {where} failed to score ({failures}); "
+                f"first error: {first_error!r}. The reward.kind = {self.cfg.kind} scorer looks "
+                f"broken: fix it (the first error says how) and run again; nothing unscored "
+                f"was trained on"
+            ) from first_error
         if n_failed:
-            log.warning("iteration %d: %d/%d candidates failed to score and are dropped: %s%s", iteration,
-                        n_failed, total, failures, f" (first error: {first_error})" if first_error else "")
+            log.warning(
+                "iteration %d: %d/%d candidates failed to score and are dropped: %s%s",
+                iteration,
+                n_failed,
+                total,
+                failures,
+                f" (first error: {first_error})" if first_error else "",
+            )
         return ScoreReport(scored=scored, n_failed=n_failed, failures=failures)
 
 
@@ -335,5 +386,3 @@ def _check(raw: object) -> tuple[float, str]:
     if math.isnan(value):
         return value, "nan"
     return (value, "inf") if math.isinf(value) else (value, "")
-
-

@@ -34,8 +34,13 @@ def build(model: str, engine: str, args):
     from actors.generator import Generator
     from larpo_ray.config import GenerationConfig, ModelConfig
 
-    gen_cfg = GenerationConfig(engine=engine, k=args.k, max_new_tokens=args.max_new_tokens,
-                               batch_prompts=args.batch_prompts, temperature=[args.temperature])
+    gen_cfg = GenerationConfig(
+        engine=engine,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        batch_prompts=args.batch_prompts,
+        temperature=[args.temperature],
+    )
     model_cfg = ModelConfig(name_or_path=model, max_model_len=args.max_model_len)
     start = time.perf_counter()
     gen = Generator(model, gen_cfg, model_cfg)
@@ -55,12 +60,17 @@ def timed_generate(gen, prompts, args) -> dict:
     start = time.perf_counter()
     cands = []
     for i in range(0, len(prompts), args.batch_prompts):
-        cands += gen.generate(prompts[i:i + args.batch_prompts], temps)
+        cands += gen.generate(prompts[i : i + args.batch_prompts], temps)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in cands)
-    return {"seconds": seconds, "tokens": tokens, "responses": len(cands), "tokens_per_s": tokens / seconds,
-            "mean_response_tokens": tokens / len(cands),
-            "truncated_fraction": sum(c.finish_reason == "length" for c in cands) / len(cands)}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "responses": len(cands),
+        "tokens_per_s": tokens / seconds,
+        "mean_response_tokens": tokens / len(cands),
+        "truncated_fraction": sum(c.finish_reason == "length" for c in cands) / len(cands),
+    }
 
 
 def bench_model(model: str, args) -> dict:
@@ -75,13 +85,24 @@ def bench_model(model: str, args) -> dict:
     rounds = []
     for r in range(args.rounds):
         rounds.append({engine: timed_generate(gens[engine], prompts, args) for engine in args.engines})
-        print(f"  {model} round {r + 1}: " + ", ".join(f"{e} {m['tokens_per_s']:.0f} tok/s" for e, m in rounds[-1].items()), flush=True)
+        print(
+            f"  {model} round {r + 1}: "
+            + ", ".join(f"{e} {m['tokens_per_s']:.0f} tok/s" for e, m in rounds[-1].items()),
+            flush=True,
+        )
     for gen in gens.values():
         gen.close()
-    out = {"model": model, "prompts": len(prompts), "k": args.k, "max_new_tokens": args.max_new_tokens,
-           "temperature": args.temperature, "batch_prompts": args.batch_prompts,
-           "mean_prompt_tokens": sum(len(p.token_ids) for p in prompts) / len(prompts),
-           "startup_s": startup, "rounds": rounds}
+    out = {
+        "model": model,
+        "prompts": len(prompts),
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "batch_prompts": args.batch_prompts,
+        "mean_prompt_tokens": sum(len(p.token_ids) for p in prompts) / len(prompts),
+        "startup_s": startup,
+        "rounds": rounds,
+    }
     for engine in args.engines:
         out[f"{engine}_tokens_per_s"] = statistics.median(r[engine]["tokens_per_s"] for r in rounds)
     if {"vllm", "hf"} <= set(args.engines):
@@ -104,17 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-prompts", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 prompts x k = 2, 8 new tokens (CI)")
-    parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/generation_<machine>_<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON result (default benchmarks/results/generation_<machine>_<date>.json)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.prompts, args.k, args.max_new_tokens, args.rounds = ["tiny"], 4, 2, 8, 1
         args.batch_prompts, args.max_model_len = 4, 192
     cpu_environment()
-    result = {"benchmark": "generation", "machine": describe(), "smoke": args.smoke,
-              "target_vllm_over_hf": TARGET_RATIO, "models": [bench_model(m, args) for m in args.models]}
-    cols = [("model", "model", "{}"), ("prompts x k", "shape", "{}"), ("max new", "max_new_tokens", "{}"),
-            ("HF tok/s", "hf_tokens_per_s", "{:.0f}"), ("vLLM tok/s", "vllm_tokens_per_s", "{:.0f}"),
-            ("vLLM/HF", "vllm_over_hf", "{:.2f}"), ("target 1.5x", "target_met", "{}")]
+    result = {
+        "benchmark": "generation",
+        "machine": describe(),
+        "smoke": args.smoke,
+        "target_vllm_over_hf": TARGET_RATIO,
+        "models": [bench_model(m, args) for m in args.models],
+    }
+    cols = [
+        ("model", "model", "{}"),
+        ("prompts x k", "shape", "{}"),
+        ("max new", "max_new_tokens", "{}"),
+        ("HF tok/s", "hf_tokens_per_s", "{:.0f}"),
+        ("vLLM tok/s", "vllm_tokens_per_s", "{:.0f}"),
+        ("vLLM/HF", "vllm_over_hf", "{:.2f}"),
+        ("target 1.5x", "target_met", "{}"),
+    ]
     print(table([{**m, "shape": f"{m['prompts']} x {m['k']}"} for m in result["models"]], cols))
     save(result, args.out, "generation")
     return 0

@@ -44,9 +44,16 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[name]
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
-                      max_position_embeddings=8192, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), cfg
@@ -62,8 +69,14 @@ def make_lists(n_lists: int, k: int, prompt_len: int, response_len: int, vocab: 
         cands = []
         for j in range(k):
             r_len = rng.randint(response_len * 3 // 4, response_len)
-            cand = Candidate(prompt_uid=prompt.uid, token_ids=tuple(rng.randrange(vocab) for _ in range(r_len)),
-                             text="", sample_logps=(), temperature=1.0, policy_version=0)
+            cand = Candidate(
+                prompt_uid=prompt.uid,
+                token_ids=tuple(rng.randrange(vocab) for _ in range(r_len)),
+                text="",
+                sample_logps=(),
+                temperature=1.0,
+                policy_version=0,
+            )
             cands.append(ScoredCandidate(candidate=cand, reward=float(k - j), iteration=0))
         lists.append(RankedList(prompt=prompt, candidates=tuple(cands), labels=tuple(c.reward for c in cands)))
     return lists
@@ -121,12 +134,22 @@ def run(args) -> dict:
     achieved = flops_per_token(cfg, mean_len) * tokens / step_s
     peak = matmul_peak(device, dtype, args.peak_n, args.peak_reps)
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-        "model": args.model, "params": sum(p.numel() for p in model.parameters()), "loss_name": args.loss,
-        "lists": args.lists, "k": args.k, "tokens_per_step": tokens, "padded_tokens": batch.input_ids_NT.numel(),
-        "step_seconds_median": step_s, "train_tokens_per_s": tokens / step_s, "reference_seconds": ref_s,
-        "reference_tokens_per_s": tokens / ref_s, "achieved_tflops": achieved / 1e12,
-        "matmul_peak_tflops": peak / 1e12, "mfu_vs_measured_peak": achieved / peak,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "model": args.model,
+        "params": sum(p.numel() for p in model.parameters()),
+        "loss_name": args.loss,
+        "lists": args.lists,
+        "k": args.k,
+        "tokens_per_step": tokens,
+        "padded_tokens": batch.input_ids_NT.numel(),
+        "step_seconds_median": step_s,
+        "train_tokens_per_s": tokens / step_s,
+        "reference_seconds": ref_s,
+        "reference_tokens_per_s": tokens / ref_s,
+        "achieved_tflops": achieved / 1e12,
+        "matmul_peak_tflops": peak / 1e12,
+        "mfu_vs_measured_peak": achieved / peak,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
         "final_loss": float(loss.detach()),
     }

@@ -36,9 +36,16 @@ def state_dict(device: str, dtype=torch.bfloat16, layers: int = 30, hidden: int 
     g = torch.Generator(device="cpu").manual_seed(0)
     out = {"model.embed_tokens.weight": torch.randn(49152, hidden, generator=g)}
     for i in range(layers):
-        for name, shape in (("q_proj", (hidden, hidden)), ("k_proj", (192, hidden)), ("v_proj", (192, hidden)),
-                            ("o_proj", (hidden, hidden)), ("gate_proj", (1536, hidden)), ("up_proj", (1536, hidden)),
-                            ("down_proj", (hidden, 1536)), ("input_layernorm", (hidden,))):
+        for name, shape in (
+            ("q_proj", (hidden, hidden)),
+            ("k_proj", (192, hidden)),
+            ("v_proj", (192, hidden)),
+            ("o_proj", (hidden, hidden)),
+            ("gate_proj", (1536, hidden)),
+            ("up_proj", (1536, hidden)),
+            ("down_proj", (hidden, 1536)),
+            ("input_layernorm", (hidden,)),
+        ):
             out[f"model.layers.{i}.{name}.weight"] = torch.randn(*shape, generator=g)
     return {k: v.to(dtype).to(device) for k, v in out.items()}
 
@@ -75,7 +82,13 @@ def pair(backend: str, receive_device: str) -> dict:
         n = wt.send(group, meta, tensors.items(), BUCKET)
         seconds = time.perf_counter() - start
         child.join(timeout=300)
-        return {"ok": True, "bytes": n, "send_s": seconds, "gb_per_s": n / seconds / 1e9, "receiver": queue.get(timeout=10)}
+        return {
+            "ok": True,
+            "bytes": n,
+            "send_s": seconds,
+            "gb_per_s": n / seconds / 1e9,
+            "receiver": queue.get(timeout=10),
+        }
     except BaseException:  # noqa: BLE001 - reported
         child.kill()
         return {"ok": False, "error": traceback.format_exc()[-2000:]}
@@ -90,8 +103,13 @@ def world_1() -> dict:
         group = wt.join("", 0, 0, 1, "nccl", 60, store=store)
         start = time.perf_counter()
         n = wt.send(group, meta, tensors.items(), BUCKET)
-        return {"ok": True, "bytes": n, "buckets": len(wt.plan_buckets(meta, BUCKET)),
-                "seconds": time.perf_counter() - start, "group": type(group).__name__}
+        return {
+            "ok": True,
+            "bytes": n,
+            "buckets": len(wt.plan_buckets(meta, BUCKET)),
+            "seconds": time.perf_counter() - start,
+            "group": type(group).__name__,
+        }
     except BaseException:  # noqa: BLE001 - reported
         return {"ok": False, "error": traceback.format_exc()[-2000:]}
 
@@ -100,8 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-              "nccl": str(torch.cuda.nccl.version())}
+    result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "nccl": str(torch.cuda.nccl.version())}
     result["nccl_world_1"] = world_1()
     print("nccl_world_1", json.dumps(result["nccl_world_1"])[:500], flush=True)
     result["gloo_cuda_to_cpu"] = pair("gloo", "cpu")

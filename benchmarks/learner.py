@@ -60,8 +60,9 @@ def make_lists(prompts, n_lists: int, k: int, vocab: int, seed: int, resp_range=
         cands = []
         for j in range(k):
             ids = tuple(rng.randrange(vocab) for _ in range(rng.randint(*resp_range)))
-            cand = Candidate(prompt_uid=prompt.uid, token_ids=ids, text="", sample_logps=(),
-                             temperature=0.7, policy_version=0)
+            cand = Candidate(
+                prompt_uid=prompt.uid, token_ids=ids, text="", sample_logps=(), temperature=0.7, policy_version=0
+            )
             cands.append(ScoredCandidate(cand, reward=float(k - j), iteration=0))
         lists.append(RankedList(prompt, tuple(cands), tuple(c.reward for c in cands)))
     return lists
@@ -89,8 +90,14 @@ def bench_config(path: str, lists, warm, zero: int, mbt: int, args) -> dict:
     from actors.learner import LearnerWorker
     from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
 
-    learner_cfg = LearnerConfig(zero_stage=zero, micro_batch_tokens=mbt, epochs=1,
-                                prompts_per_step=args.prompts_per_step, num_workers=1, lr=1e-6)
+    learner_cfg = LearnerConfig(
+        zero_stage=zero,
+        micro_batch_tokens=mbt,
+        epochs=1,
+        prompts_per_step=args.prompts_per_step,
+        num_workers=1,
+        lr=1e-6,
+    )
     start = time.perf_counter()
     worker = LearnerWorker(path, ModelConfig(name_or_path=path), LossConfig(), learner_cfg, seed=0)
     build_s = time.perf_counter() - start
@@ -102,18 +109,33 @@ def bench_config(path: str, lists, warm, zero: int, mbt: int, args) -> dict:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in worker.engine.module.parameters())
     flops, tokens = useful_flops(lists, hf_cfg)
     from larpo_ray.batching import micro_batches, padded_tokens
+
     groups = micro_batches(lists, mbt)
     padded = sum(padded_tokens([lists[i] for i in g]) for g in groups)
     del worker
     gc.collect()
-    return {"zero_stage": zero, "micro_batch_tokens": mbt, "build_s": build_s, "params": params,
-            "lists": len(lists), "steps": m["steps"], "tokens": tokens, "padded_tokens": padded,
-            "padding_waste": 1 - tokens / padded, "micro_batches": len(groups),
-            "train_seconds": m["train_seconds"], "ref_seconds": m["ref_seconds"],
-            "train_tokens_per_s": tokens / m["train_seconds"], "ref_tokens_per_s": tokens / m["ref_seconds"],
-            "train_gflops": flops / m["train_seconds"] / 1e9, "ref_gflops": flops / 3 / m["ref_seconds"] / 1e9,
-            "flops_per_token": flops / tokens, "six_n_gflops": 6 * params * tokens / m["train_seconds"] / 1e9,
-            "torch_threads": torch.get_num_threads(), "loss": m["loss"]}
+    return {
+        "zero_stage": zero,
+        "micro_batch_tokens": mbt,
+        "build_s": build_s,
+        "params": params,
+        "lists": len(lists),
+        "steps": m["steps"],
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "padding_waste": 1 - tokens / padded,
+        "micro_batches": len(groups),
+        "train_seconds": m["train_seconds"],
+        "ref_seconds": m["ref_seconds"],
+        "train_tokens_per_s": tokens / m["train_seconds"],
+        "ref_tokens_per_s": tokens / m["ref_seconds"],
+        "train_gflops": flops / m["train_seconds"] / 1e9,
+        "ref_gflops": flops / 3 / m["ref_seconds"] / 1e9,
+        "flops_per_token": flops / tokens,
+        "six_n_gflops": 6 * params * tokens / m["train_seconds"] / 1e9,
+        "torch_threads": torch.get_num_threads(),
+        "loss": m["loss"],
+    }
 
 
 def bench_model(model: str, args) -> dict:
@@ -132,25 +154,39 @@ def bench_model(model: str, args) -> dict:
     for zero, mbt in configs:
         rows.append({"model": model, **bench_config(path, lists, warm, zero, mbt, args)})
         r = rows[-1]
-        print(f"  {model} zero {zero} micro {mbt}: train {r['train_tokens_per_s']:.0f} tok/s "
-              f"{r['train_gflops']:.1f} GFLOP/s, ref {r['ref_tokens_per_s']:.0f} tok/s", flush=True)
-    return {"model": model, "mean_prompt_tokens": sum(len(lst.prompt.token_ids) for lst in lists) / len(lists),
-            "k": args.k, "configs": rows}
+        print(
+            f"  {model} zero {zero} micro {mbt}: train {r['train_tokens_per_s']:.0f} tok/s "
+            f"{r['train_gflops']:.1f} GFLOP/s, ref {r['ref_tokens_per_s']:.0f} tok/s",
+            flush=True,
+        )
+    return {
+        "model": model,
+        "mean_prompt_tokens": sum(len(lst.prompt.token_ids) for lst in lists) / len(lists),
+        "k": args.k,
+        "configs": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny"])
     parser.add_argument("--zero-stages", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("--micro-batch-tokens", nargs="+", type=int, default=[4096, 1024, 2048, 8192],
-                        help="the first is used for the ZeRO sweep; the rest are swept at the first ZeRO stage")
+    parser.add_argument(
+        "--micro-batch-tokens",
+        nargs="+",
+        type=int,
+        default=[4096, 1024, 2048, 8192],
+        help="the first is used for the ZeRO sweep; the rest are swept at the first ZeRO stage",
+    )
     parser.add_argument("--lists", type=int, default=16, help="lists in the timed iteration")
     parser.add_argument("--k", type=int, default=2, help="candidates per list (default run: top/bottom = 2)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--peak-n", type=int, default=2048)
     parser.add_argument("--peak-reps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny model, ZeRO 0 and 3, 4 lists (CI)")
-    parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/learner_<machine>_<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON result (default benchmarks/results/learner_<machine>_<date>.json)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.zero_stages, args.micro_batch_tokens = ["tiny"], [0, 3], [4096, 1024]
@@ -167,22 +203,41 @@ def main(argv: list[str] | None = None) -> int:
             r["mfu_6n"] = r["six_n_gflops"] * 1e9 / peak
         best = max(m["configs"], key=lambda r: r["mfu"])
         m["best_mfu"], m["target_met"] = best["mfu"], best["mfu"] >= TARGET_MFU
-    result = {"benchmark": "learner", "machine": describe(), "smoke": args.smoke, "target_mfu": TARGET_MFU,
-              "matmul_peak_gflops": peak / 1e9, "matmul_peak_before_gflops": peak_before / 1e9,
-              "matmul_peak_after_gflops": peak_after / 1e9, "peak_n": args.peak_n,
-              "flops_formula": "6 x block matmul params x tokens + 12 x layers x hidden x seq_len x tokens "
-                               "+ 6 x hidden x vocab x response positions; real tokens only",
-              "models": models}
-    cols = [("model", "model", "{}"), ("ZeRO", "zero_stage", "{}"), ("micro tok", "micro_batch_tokens", "{}"),
-            ("pad waste", "padding_waste", "{:.0%}"), ("train tok/s", "train_tokens_per_s", "{:.0f}"),
-            ("GFLOP/s", "train_gflops", "{:.1f}"), ("MFU", "mfu", "{:.1%}"), ("MFU 6N", "mfu_6n", "{:.1%}"),
-            ("ref tok/s", "ref_tokens_per_s", "{:.0f}"), ("ref MFU", "ref_mfu", "{:.1%}")]
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (n = {args.peak_n}, before {peak_before / 1e9:.1f}, "
-          f"after {peak_after / 1e9:.1f})")
+    result = {
+        "benchmark": "learner",
+        "machine": describe(),
+        "smoke": args.smoke,
+        "target_mfu": TARGET_MFU,
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_before_gflops": peak_before / 1e9,
+        "matmul_peak_after_gflops": peak_after / 1e9,
+        "peak_n": args.peak_n,
+        "flops_formula": "6 x block matmul params x tokens + 12 x layers x hidden x seq_len x tokens "
+        "+ 6 x hidden x vocab x response positions; real tokens only",
+        "models": models,
+    }
+    cols = [
+        ("model", "model", "{}"),
+        ("ZeRO", "zero_stage", "{}"),
+        ("micro tok", "micro_batch_tokens", "{}"),
+        ("pad waste", "padding_waste", "{:.0%}"),
+        ("train tok/s", "train_tokens_per_s", "{:.0f}"),
+        ("GFLOP/s", "train_gflops", "{:.1f}"),
+        ("MFU", "mfu", "{:.1%}"),
+        ("MFU 6N", "mfu_6n", "{:.1%}"),
+        ("ref tok/s", "ref_tokens_per_s", "{:.0f}"),
+        ("ref MFU", "ref_mfu", "{:.1%}"),
+    ]
+    print(
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (n = {args.peak_n}, before {peak_before / 1e9:.1f}, "
+        f"after {peak_after / 1e9:.1f})"
+    )
     print(table([r for m in models for r in m["configs"]], cols))
     for m in models:
-        print(f"{m['model']}: best MFU {m['best_mfu']:.1%} (target >= {TARGET_MFU:.0%}: "
-              f"{'met' if m['target_met'] else 'NOT met'})")
+        print(
+            f"{m['model']}: best MFU {m['best_mfu']:.1%} (target >= {TARGET_MFU:.0%}: "
+            f"{'met' if m['target_met'] else 'NOT met'})"
+        )
     save(result, args.out, "learner")
     return 0
 

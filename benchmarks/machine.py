@@ -20,9 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The Makefile's environment for CPU runs (README); setdefault, so a caller's values win.
-CPU_ENV = {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline",
-           "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "TOKENIZERS_PARALLELISM": "false"}
+CPU_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "RAY_AUTH_MODE": "disabled",
+    "WANDB_MODE": "offline",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def cpu_environment() -> None:
@@ -46,10 +52,17 @@ def describe() -> dict:
     """CPU model, cores, torch threads, load average and library versions of this run."""
     import torch
 
-    info = {"host": socket.gethostname(), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available(),
-            "load_average_1m_at_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+        "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.is_available(),
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         info["total_memory_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
@@ -82,7 +95,11 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """rows as a text table; columns are (header, key, format such as '{:.1f}')."""
     cells = [[h for h, _, _ in columns]]
     for row in rows:
-        cells.append([fmt.format(row[key]) if isinstance(row.get(key), (int, float)) else str(row.get(key, "-"))
-                      for _, key, fmt in columns])
+        cells.append(
+            [
+                fmt.format(row[key]) if isinstance(row.get(key), (int, float)) else str(row.get(key, "-"))
+                for _, key, fmt in columns
+            ]
+        )
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)

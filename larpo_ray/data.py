@@ -66,7 +66,8 @@ class DataReport:
         return "\n".join(
             f"{name}: {r.kept} prompts from {r.source} ({r.rows_read} rows read, skipped "
             f"{r.skipped or 'none'}, {r.duplicates} duplicates, {r.in_eval} also in eval)"
-            for name, r in (("train", self.train), ("eval", self.eval)))
+            for name, r in (("train", self.train), ("eval", self.eval))
+        )
 
 
 @dataclass
@@ -91,10 +92,14 @@ _Row = tuple[int, Any, "str | None"]
 def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
     """Training and held-out prompts of `cfg`, chat-templated and tokenized with `tokenizer`."""
     if not tokenizer.chat_template:
-        raise DataError("the tokenizer has no chat template, so prompts cannot be formatted as chats: "
-                        "use a chat/instruct model, or set `tokenizer.chat_template` to a Jinja template")
+        raise DataError(
+            "the tokenizer has no chat template, so prompts cannot be formatted as chats: "
+            "use a chat/instruct model, or set `tokenizer.chat_template` to a Jinja template"
+        )
     builtin = cfg.source.startswith("builtin:")
-    held_out = cfg.eval_source or (f"{cfg.source} (eval split)" if builtin else f"{cfg.source} (last {cfg.num_eval} rows)")
+    held_out = cfg.eval_source or (
+        f"{cfg.source} (eval split)" if builtin else f"{cfg.source} (last {cfg.num_eval} rows)"
+    )
     report = DataReport(SplitReport(cfg.source), SplitReport(held_out))
     if builtin:
         rows, builtin_eval = _builtin_rows(cfg)
@@ -102,7 +107,9 @@ def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
     else:
         train = _to_prompts(*_read_source(cfg.source, cfg.split), cfg, tokenizer, report.train)
     if cfg.eval_source is not None:
-        evals = _to_prompts(*_read_source(cfg.eval_source, cfg.split), cfg, tokenizer, report.eval)[: cfg.num_eval or None]
+        evals = _to_prompts(*_read_source(cfg.eval_source, cfg.split), cfg, tokenizer, report.eval)[
+            : cfg.num_eval or None
+        ]
     elif builtin:
         evals = _to_prompts(held_out, "row", builtin_eval, cfg, tokenizer, report.eval) if builtin_eval else []
     else:
@@ -111,7 +118,10 @@ def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
     kept = [p for p in train if p.uid not in eval_uids]
     report.train.in_eval = len(train) - len(kept)
     if not kept:
-        raise DataError(f"{cfg.source}: every training prompt is also in data.eval_source = {cfg.eval_source!r}: use disjoint sources")
+        raise DataError(
+            f"{cfg.source}: every training prompt is also in data.eval_source = {cfg.eval_source!r}: use disjoint "
+            "sources"
+        )
     train = kept[: cfg.num_train or None]
     report.train.kept, report.eval.kept = len(train), len(evals)
     return PromptSplits(train, evals, report)
@@ -120,16 +130,22 @@ def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
 def _hold_out_tail(prompts: list[Prompt], cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
     """(train, eval): the last data.num_eval prompts are held out, so the split is stable per file."""
     if len(prompts) <= cfg.num_eval:
-        raise DataError(f"{cfg.source}: only {len(prompts)} usable prompts, too few to hold out the last "
-                        f"data.num_eval = {cfg.num_eval} and still train: lower data.num_eval or set data.eval_source")
+        raise DataError(
+            f"{cfg.source}: only {len(prompts)} usable prompts, too few to hold out the last "
+            f"data.num_eval = {cfg.num_eval} and still train: lower data.num_eval or set data.eval_source"
+        )
     cut = len(prompts) - cfg.num_eval
     return prompts[:cut], prompts[cut:]
 
 
 def prompt_uid(messages: list[dict[str, str]]) -> str:
     """Stable id: sha1 of the canonical JSON of the messages (same chat, same uid, any process)."""
-    canon = json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                       sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    canon = json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     return hashlib.sha1(canon.encode("utf-8")).hexdigest()[:12]
 
 
@@ -141,14 +157,20 @@ def _builtin_rows(cfg: DataConfig) -> tuple[list[_Row], list[_Row]]:
     if cfg.source not in BUILTINS:
         raise DataError(f"unknown built-in source data.source = {cfg.source!r}: choose one of {', '.join(BUILTINS)}")
     if cfg.num_train == 0:
-        raise DataError("data.num_train = 0 means 'all rows' of a file, but the built-in task has no fixed size: set data.num_train > 0")
+        raise DataError(
+            "data.num_train = 0 means 'all rows' of a file, but the built-in task has no fixed size: set "
+            "data.num_train > 0"
+        )
     try:
         train, evals = make_splits(cfg.levels, cfg.num_train, cfg.num_eval, cfg.seed)
     except ValueError as err:
         raise DataError(f"{cfg.source}: {err} (config keys: data.num_train, data.num_eval, data.levels)") from None
+
     def rows(problems: list) -> list[_Row]:
-        return [(i, {cfg.prompt_column: format_question(p), cfg.answer_column: p.answer}, p.uid)
-                for i, p in enumerate(problems, start=1)]
+        return [
+            (i, {cfg.prompt_column: format_question(p), cfg.answer_column: p.answer}, p.uid)
+            for i, p in enumerate(problems, start=1)
+        ]
 
     return rows(train), rows(evals)
 
@@ -161,10 +183,15 @@ def _read_source(source: str, split: str) -> tuple[str, str, list[_Row]]:
     suffix = path.suffix.lower()
     if suffix in _READERS or path.is_file():
         if not path.is_file():
-            raise DataError(f"data file {str(path)!r} does not exist (relative paths start at {Path.cwd()}): fix data.source / data.eval_source")
+            raise DataError(
+                f"data file {str(path)!r} does not exist (relative paths start at {Path.cwd()}): fix data.source / "
+                "data.eval_source"
+            )
         if suffix not in _READERS:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; supported: {', '.join(_READERS)} "
-                            f"(or a datasets name, or {', '.join(BUILTINS)})")
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; supported: {', '.join(_READERS)} "
+                f"(or a datasets name, or {', '.join(BUILTINS)})"
+            )
         return str(path), "line" if suffix == ".jsonl" else "row", _READERS[suffix](path)
     return _read_hub(source, split)
 
@@ -176,14 +203,34 @@ def _read_jsonl(path: Path) -> list[_Row]:
         try:
             line = raw.decode("utf-8").lstrip("\ufeff")  # a BOM from Windows editors is not data
         except UnicodeDecodeError as err:
-            rows.append((n, _BadRow("undecodable", f"not valid UTF-8 ({err.reason} at byte {err.start})", "re-save the file as UTF-8"), None))
+            rows.append(
+                (
+                    n,
+                    _BadRow(
+                        "undecodable",
+                        f"not valid UTF-8 ({err.reason} at byte {err.start})",
+                        "re-save the file as UTF-8",
+                    ),
+                    None,
+                )
+            )
             continue
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:
             rows.append((n, json.loads(line), None))
         except json.JSONDecodeError as err:
-            rows.append((n, _BadRow("invalid_json", f"not valid JSON ({err.msg} at column {err.colno})", "write one JSON object per line"), None))
+            rows.append(
+                (
+                    n,
+                    _BadRow(
+                        "invalid_json",
+                        f"not valid JSON ({err.msg} at column {err.colno})",
+                        "write one JSON object per line",
+                    ),
+                    None,
+                )
+            )
     return rows
 
 
@@ -192,8 +239,10 @@ def _read_json(path: Path) -> list[_Row]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a valid UTF-8 JSON file ({err}): a .json source holds one list of "
-                        "objects; for one object per line name the file .jsonl") from None
+        raise DataError(
+            f"{path}: not a valid UTF-8 JSON file ({err}): a .json source holds one list of "
+            "objects; for one object per line name the file .jsonl"
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json source must hold a list of objects, got a {type(data).__name__}")
     return [(i, row, None) for i, row in enumerate(data, start=1)]
@@ -210,7 +259,11 @@ def _read_parquet(path: Path) -> list[_Row]:
     return [(i, row, None) for i, row in enumerate(table.to_pylist(), start=1)]
 
 
-_READERS: dict[str, Callable[[Path], list[_Row]]] = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+_READERS: dict[str, Callable[[Path], list[_Row]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+}
 
 
 def _read_hub(source: str, default_split: str) -> tuple[str, str, list[_Row]]:
@@ -223,17 +276,20 @@ def _read_hub(source: str, default_split: str) -> tuple[str, str, list[_Row]]:
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:  # hub, cache and builder errors come in many types; all mean "not loadable"
-        raise DataError(f"could not load {where} with datasets.load_dataset ({type(err).__name__}: {err}). "
-                        f"Offline (HF_HUB_OFFLINE=1) a hub dataset must already be cached; or export it to a "
-                        f"local {'/'.join(_READERS)} file and set data.source to its path") from None
+        raise DataError(
+            f"could not load {where} with datasets.load_dataset ({type(err).__name__}: {err}). "
+            f"Offline (HF_HUB_OFFLINE=1) a hub dataset must already be cached; or export it to a "
+            f"local {'/'.join(_READERS)} file and set data.source to its path"
+        ) from None
     return where, "row", [(i, row, None) for i, row in enumerate(ds, start=1)]
 
 
 # ---- rows to prompts -----------------------------------------------------------------------------
 
 
-def _to_prompts(where: str, unit: str, rows: list[_Row], cfg: DataConfig, tokenizer: Any,
-                report: SplitReport) -> list[Prompt]:
+def _to_prompts(
+    where: str, unit: str, rows: list[_Row], cfg: DataConfig, tokenizer: Any, report: SplitReport
+) -> list[Prompt]:
     """Validate, template and dedup rows in order; bad rows raise, or are skipped and counted."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
@@ -258,23 +314,30 @@ def _to_prompts(where: str, unit: str, rows: list[_Row], cfg: DataConfig, tokeni
         seen.add(prompt.uid)
         prompts.append(prompt)
     if not prompts:
-        raise DataError(f"{where}: no usable prompts ({report.rows_read} rows read, skipped {report.skipped or 'none'}): "
-                        f"give rows with a {cfg.prompt_column!r} string or a {cfg.messages_column!r} chat")
+        raise DataError(
+            f"{where}: no usable prompts ({report.rows_read} rows read, skipped {report.skipped or 'none'}): "
+            f"give rows with a {cfg.prompt_column!r} string or a {cfg.messages_column!r} chat"
+        )
     return prompts
 
 
 def _check_columns(row: dict, where: str, cfg: DataConfig) -> None:
     """A first row with neither column means the column names are wrong, not that a row is bad."""
     if cfg.prompt_column not in row and cfg.messages_column not in row:
-        raise DataError(f"{where}: rows have neither a {cfg.prompt_column!r} nor a {cfg.messages_column!r} column; "
-                        f"columns found: {sorted(row)}. Set data.prompt_column (plain text) or "
-                        f"data.messages_column (a chat) to the right one")
+        raise DataError(
+            f"{where}: rows have neither a {cfg.prompt_column!r} nor a {cfg.messages_column!r} column; "
+            f"columns found: {sorted(row)}. Set data.prompt_column (plain text) or "
+            f"data.messages_column (a chat) to the right one"
+        )
 
 
 def _make_prompt(row: Any, uid: str | None, cfg: DataConfig, tokenizer: Any) -> Prompt:
     if not isinstance(row, dict):
-        raise _BadRow("not_an_object", f"expected an object, got a {type(row).__name__}",
-                      f"make every row an object with a {cfg.prompt_column!r} or {cfg.messages_column!r} field")
+        raise _BadRow(
+            "not_an_object",
+            f"expected an object, got a {type(row).__name__}",
+            f"make every row an object with a {cfg.prompt_column!r} or {cfg.messages_column!r} field",
+        )
     messages = _row_messages(row, cfg)
     answer = _answer(row, cfg.answer_column)
     if cfg.system_prompt and messages[0]["role"] != "system":
@@ -284,10 +347,19 @@ def _make_prompt(row: Any, uid: str | None, cfg: DataConfig, tokenizer: Any) -> 
     # another: add_special_tokens=False. Special-token strings in the text still map to their ids.
     token_ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
     if len(token_ids) > cfg.max_prompt_tokens:
-        raise _BadRow("too_long", f"the prompt is {len(token_ids)} tokens after the chat template, over "
-                      f"data.max_prompt_tokens = {cfg.max_prompt_tokens}", "shorten it or raise data.max_prompt_tokens")
-    return Prompt(uid=uid or prompt_uid(messages), text=text, token_ids=token_ids,
-                  messages=tuple((m["role"], m["content"]) for m in messages), answer=answer)
+        raise _BadRow(
+            "too_long",
+            f"the prompt is {len(token_ids)} tokens after the chat template, over "
+            f"data.max_prompt_tokens = {cfg.max_prompt_tokens}",
+            "shorten it or raise data.max_prompt_tokens",
+        )
+    return Prompt(
+        uid=uid or prompt_uid(messages),
+        text=text,
+        token_ids=token_ids,
+        messages=tuple((m["role"], m["content"]) for m in messages),
+        answer=answer,
+    )
 
 
 def _row_messages(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
@@ -296,18 +368,24 @@ def _row_messages(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
         return _check_chat(row[cfg.messages_column], cfg.messages_column)
     text = row.get(cfg.prompt_column)
     if text is None:
-        raise _BadRow("missing_column", f"no {cfg.prompt_column!r} or {cfg.messages_column!r} value (fields: {sorted(row)})",
-                      f"give the row a {cfg.prompt_column!r} string or a {cfg.messages_column!r} list")
+        raise _BadRow(
+            "missing_column",
+            f"no {cfg.prompt_column!r} or {cfg.messages_column!r} value (fields: {sorted(row)})",
+            f"give the row a {cfg.prompt_column!r} string or a {cfg.messages_column!r} list",
+        )
     if not isinstance(text, str):
-        raise _BadRow("not_a_string", f"{cfg.prompt_column!r} is of type {type(text).__name__}, not a string",
-                      f"write the prompt as a string (a chat goes in {cfg.messages_column!r})")
+        raise _BadRow(
+            "not_a_string",
+            f"{cfg.prompt_column!r} is of type {type(text).__name__}, not a string",
+            f"write the prompt as a string (a chat goes in {cfg.messages_column!r})",
+        )
     if not text.strip():
         raise _BadRow("empty_prompt", f"{cfg.prompt_column!r} is empty", "write the prompt text or drop the row")
     return [{"role": "user", "content": text}]
 
 
 def _check_chat(chat: Any, column: str) -> list[dict[str, str]]:
-    fix = f"make {column!r} a list of {{\"role\": str, \"content\": str}} objects ending with a user message"
+    fix = f'make {column!r} a list of {{"role": str, "content": str}} objects ending with a user message'
     if not isinstance(chat, (list, tuple)) or not chat:
         raise _BadRow("bad_messages", f"{column!r} is not a non-empty list", fix)
     out = []
@@ -327,8 +405,11 @@ def _answer(row: dict, column: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: pandas' missing value
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _BadRow("bad_answer", f"{column!r} is of type {type(value).__name__}, not a string or number",
-                      "write the reference answer as a string or number, or leave it out")
+        raise _BadRow(
+            "bad_answer",
+            f"{column!r} is of type {type(value).__name__}, not a string or number",
+            "write the reference answer as a string or number, or leave it out",
+        )
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # 42.0 (an int column with gaps, via pandas) is the answer "42"
     return str(value)
@@ -340,5 +421,8 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as err:  # e.g. templates that require alternating user/assistant roles
-        raise _BadRow("template_error", f"the model's chat template refused this chat ({err})",
-                      "order the roles as the model's template expects") from None
+        raise _BadRow(
+            "template_error",
+            f"the model's chat template refused this chat ({err})",
+            "order the roles as the model's template expects",
+        ) from None

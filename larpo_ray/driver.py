@@ -36,8 +36,9 @@ from larpo_ray.types import Prompt, RankedList
 EVAL_BATCH_PROMPTS = 64  # greedy held-out prompts per generate call: short replies batch well
 
 
-def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tracker: Tracker,
-                  progress: bool = True) -> dict[str, float]:
+def evaluate_only(
+    cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tracker: Tracker, progress: bool = True
+) -> dict[str, float]:
     """Held-out metrics of the policy as it is, recorded as iteration 0; returns its greedy
     rewards per prompt (the initial policy's, against which later win-rates are judged)."""
     t0 = time.perf_counter()
@@ -46,9 +47,17 @@ def evaluate_only(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tra
     return rewards
 
 
-def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: Sequence[Prompt],
-             tracker: Tracker, progress: bool = True, run_dir: Path | None = None,
-             state: LoopState | None = None, storage: RunStorage | None = None) -> list[dict[str, Any]]:
+def run_loop(
+    cfg: Config,
+    runtime: Runtime,
+    train: Sequence[Prompt],
+    held_out: Sequence[Prompt],
+    tracker: Tracker,
+    progress: bool = True,
+    run_dir: Path | None = None,
+    state: LoopState | None = None,
+    storage: RunStorage | None = None,
+) -> list[dict[str, Any]]:
     """Run LARPO iterations until cfg.loop.iterations are done; returns the per-iteration records.
 
     A fresh run starts with the initial evaluation; a resumed one (`state` from a checkpoint, the
@@ -59,8 +68,11 @@ def run_loop(cfg: Config, runtime: Runtime, train: Sequence[Prompt], held_out: S
     """
     root = run_dir / "checkpoints" if run_dir is not None else None
     if state is None:
-        state = LoopState(initial_rewards=evaluate_only(cfg, runtime, held_out, tracker, progress),
-                          wandb_id=tracker.wandb_id, config=cfg.to_dict())
+        state = LoopState(
+            initial_rewards=evaluate_only(cfg, runtime, held_out, tracker, progress),
+            wandb_id=tracker.wandb_id,
+            config=cfg.to_dict(),
+        )
         state.records = list(tracker.records)
     else:
         runtime.sync_weights(state.iteration)  # generators <- the policy the learner restored
@@ -99,8 +111,16 @@ class IterationOutput:
     drawn: list[Prompt]
 
 
-def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train: Sequence[Prompt],
-                  held_out: Sequence[Prompt], state: LoopState, s: int, progress: bool) -> IterationOutput:
+def run_iteration(
+    cfg: Config,
+    runtime: Runtime,
+    memory: CandidateMemory,
+    train: Sequence[Prompt],
+    held_out: Sequence[Prompt],
+    state: LoopState,
+    s: int,
+    progress: bool,
+) -> IterationOutput:
     """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate."""
     timing: dict[str, float] = {}
     wall_start = time.perf_counter()
@@ -110,16 +130,28 @@ def run_iteration(cfg: Config, runtime: Runtime, memory: CandidateMemory, train:
     result = timed(timing, "train", runtime.train, s, lists)
     sync = timed(timing, "sync", runtime.sync_weights, s + 1)
     evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
-    ev, _, answers = timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress) if evaluated else ({}, {}, [])
+    ev, _, answers = (
+        timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress)
+        if evaluated
+        else ({}, {}, [])
+    )
     timing["iteration"] = time.perf_counter() - wall_start  # wall clock, checkpoint excluded
     timing["overhead"] = timing["iteration"] - sum(v for k, v in timing.items() if k != "iteration")
-    record = {"iteration": s + 1, **ev, **{f"train/{k}": v for k, v in result.metrics.items()},
-              **rollout_metrics(rollout, timing["generate"]), **draws, **list_metrics(stats),
-              **{f"sync/{k}": v for k, v in sync.items()}, **{f"timing/{k}": v for k, v in timing.items()},
-              **system_metrics()}
+    record = {
+        "iteration": s + 1,
+        **ev,
+        **{f"train/{k}": v for k, v in result.metrics.items()},
+        **rollout_metrics(rollout, timing["generate"]),
+        **draws,
+        **list_metrics(stats),
+        **{f"sync/{k}": v for k, v in sync.items()},
+        **{f"timing/{k}": v for k, v in timing.items()},
+        **system_metrics(),
+    }
     steps = [{k: jsonable(v) for k, v in m.items()} for m in result.step_metrics]
-    return IterationOutput({k: jsonable(v) for k, v in record.items()}, steps,
-                           sample_rows(lists, cfg.logging.log_samples), answers, drawn)
+    return IterationOutput(
+        {k: jsonable(v) for k, v in record.items()}, steps, sample_rows(lists, cfg.logging.log_samples), answers, drawn
+    )
 
 
 def _checkpoint_due(cfg: Config, done: int) -> bool:
@@ -134,19 +166,24 @@ def _memory(cfg: Config, state: LoopState) -> CandidateMemory:
     return memory
 
 
-def advanced(state: LoopState, record: dict, step_metrics: list[dict], memory: CandidateMemory,
-             prompts: list[Prompt]) -> LoopState:
+def advanced(
+    state: LoopState, record: dict, step_metrics: list[dict], memory: CandidateMemory, prompts: list[Prompt]
+) -> LoopState:
     """The loop state after the iteration that `record` describes."""
     return dataclasses.replace(
-        state, iteration=record["iteration"], memory=memory.state_dict(),
+        state,
+        iteration=record["iteration"],
+        memory=memory.state_dict(),
         prompt_uids=state.prompt_uids + [[p.uid for p in prompts]],
         records=state.records + [record],
         steps=state.steps + [{"iteration": record["iteration"], **m} for m in step_metrics],
-        learner_step=int(step_metrics[-1]["step"]) + 1 if step_metrics else state.learner_step)
+        learner_step=int(step_metrics[-1]["step"]) + 1 if step_metrics else state.learner_step,
+    )
 
 
-def write_checkpoint(cfg: Config, runtime: Runtime, root: Path, state: LoopState,
-                     storage: RunStorage | None = None) -> Path:
+def write_checkpoint(
+    cfg: Config, runtime: Runtime, root: Path, state: LoopState, storage: RunStorage | None = None
+) -> Path:
     """Everything a restart at `state` needs, atomically (larpo_ray.checkpoint): the learner
     writes the policy and its optimizer state, then the driver its state, then the rename. On a
     URI: each learner rank's part goes up first, then state.json, then latest.json."""
@@ -165,8 +202,12 @@ def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Track
     """The loop state at `iteration` (the checkpoint the restarted learner loaded; 0: the start,
     keeping the initial evaluation); the tracker's files are cut back to match."""
     if iteration == 0:
-        restored = LoopState(initial_rewards=state.initial_rewards, wandb_id=state.wandb_id,
-                             config=state.config, records=state.records[:1])
+        restored = LoopState(
+            initial_rewards=state.initial_rewards,
+            wandb_id=state.wandb_id,
+            config=state.config,
+            records=state.records[:1],
+        )
     else:
         if root is None:
             raise RuntimeError(f"the learner restarted from checkpoint {iteration} but this loop writes none")
@@ -178,10 +219,12 @@ def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Track
 def summary_line(record: dict[str, Any], iterations: int) -> str:
     """One console line per iteration: what each phase took and where the metrics stand."""
     get = lambda key: _or_nan(record.get(key))  # noqa: E731 (eval may be skipped)
-    return (f"iter {record['iteration']}/{iterations}: generate {get('timing/generate'):.0f}s "
-            f"({get('rollout/tokens_per_s'):.0f} tok/s), {get('lists/n_lists'):.0f} lists, "
-            f"train {get('timing/train'):.0f}s loss {get('train/loss'):.4f}, sync {get('timing/sync'):.1f}s, "
-            f"eval reward {get('eval/mean_reward'):.3f} win-rate vs initial {get('eval/win_rate_vs_initial'):.3f}")
+    return (
+        f"iter {record['iteration']}/{iterations}: generate {get('timing/generate'):.0f}s "
+        f"({get('rollout/tokens_per_s'):.0f} tok/s), {get('lists/n_lists'):.0f} lists, "
+        f"train {get('timing/train'):.0f}s loss {get('train/loss'):.4f}, sync {get('timing/sync'):.1f}s, "
+        f"eval reward {get('eval/mean_reward'):.3f} win-rate vs initial {get('eval/win_rate_vs_initial'):.3f}"
+    )
 
 
 def _or_nan(value) -> float:
@@ -213,8 +256,9 @@ def prompt_stream(train: Sequence[Prompt], start: int, count: int, seed: int) ->
     return picked
 
 
-def draw_prompts(cfg: Config, runtime: Runtime, train: Sequence[Prompt], cursor: int, s: int,
-                 progress: bool) -> tuple[Rollout, list[Prompt], list[Prompt], dict[str, float]]:
+def draw_prompts(
+    cfg: Config, runtime: Runtime, train: Sequence[Prompt], cursor: int, s: int, progress: bool
+) -> tuple[Rollout, list[Prompt], list[Prompt], dict[str, float]]:
     """Generate and score iteration s's prompts from stream position `cursor`. Returns the
     rollout, every prompt drawn, the prompts to build lists from, and draw counts.
 
@@ -233,12 +277,17 @@ def draw_prompts(cfg: Config, runtime: Runtime, train: Sequence[Prompt], cursor:
         if len(paired) >= m or len(drawn) >= cap:
             break
         rate = max(len(paired) / len(drawn), 1 / 8)  # 1/8: bound the next round when none paired yet
-        more = prompt_stream(train, cursor + len(drawn), min(cap - len(drawn), math.ceil((m - len(paired)) / rate)),
-                             cfg.loop.seed)
+        more = prompt_stream(
+            train, cursor + len(drawn), min(cap - len(drawn), math.ceil((m - len(paired)) / rate)), cfg.loop.seed
+        )
         rollout.extend(generate_and_score(cfg, runtime, more, s, progress))
         drawn, rounds = drawn + more, rounds + 1
-    counts = {"prompts_drawn": len(drawn), "prompts_tied": len(drawn) - len(paired),
-              "prompts_unused": max(0, len(paired) - m), "draw_rounds": rounds}
+    counts = {
+        "prompts_drawn": len(drawn),
+        "prompts_tied": len(drawn) - len(paired),
+        "prompts_unused": max(0, len(paired) - m),
+        "draw_rounds": rounds,
+    }
     return rollout, drawn, paired[:m], {f"rollout/{k}": float(v) for k, v in counts.items()}
 
 
@@ -272,8 +321,9 @@ def temperatures_for(cfg: Config, iteration: int) -> list[float]:
 
 def generate_and_score(cfg: Config, runtime: Runtime, prompts: list[Prompt], iteration: int, progress: bool) -> Rollout:
     with _bar(progress, len(prompts), f"iter {iteration + 1} generate+score") as bar:
-        return runtime.rollout(prompts, temperatures_for(cfg, iteration), iteration, on_batch=bar.update,
-                               seed=rollout_seed(cfg, iteration))
+        return runtime.rollout(
+            prompts, temperatures_for(cfg, iteration), iteration, on_batch=bar.update, seed=rollout_seed(cfg, iteration)
+        )
 
 
 def rollout_seed(cfg: Config, iteration: int) -> int:
@@ -283,32 +333,47 @@ def rollout_seed(cfg: Config, iteration: int) -> int:
     return (cfg.generation.seed * 1_000_003 + iteration + 1) & 0x7FFFFFFF
 
 
-def build_lists(cfg: Config, memory: CandidateMemory, rollout: Rollout, prompts: list[Prompt],
-                iteration: int) -> tuple[list[RankedList], ListStats]:
+def build_lists(
+    cfg: Config, memory: CandidateMemory, rollout: Rollout, prompts: list[Prompt], iteration: int
+) -> tuple[list[RankedList], ListStats]:
     """D <- merge(D_0..D_s): add this iteration's scored responses to the memory, re-rank pools."""
     memory.add(rollout.scored)
     ls = cfg.lists
-    lists, stats = memory.build_lists(prompts, iteration, ls.rule, ls.top, ls.bottom, ls.keep_order,
-                                      ls.correct_threshold, cfg.loop.seed)
+    lists, stats = memory.build_lists(
+        prompts, iteration, ls.rule, ls.top, ls.bottom, ls.keep_order, ls.correct_threshold, cfg.loop.seed
+    )
     memory.prune(iteration)
     return lists, stats
 
 
-def evaluate(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial: dict[str, float] | None,
-             progress: bool) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
+def evaluate(
+    cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial: dict[str, float] | None, progress: bool
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
     """Greedy held-out metrics: mean reward, accuracy (verifiable prompts), win-rate vs the
     initial policy judged by the scorer (ties count half), optional Pass@N. Also returns the
     greedy rewards per prompt and one row per prompt (uid, reward, correct, response)."""
     with _bar(progress, len(held_out), "eval") as bar:
-        greedy = runtime.rollout(held_out, [0.0], -1, on_batch=bar.update,
-                                 batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS))
+        greedy = runtime.rollout(
+            held_out,
+            [0.0],
+            -1,
+            on_batch=bar.update,
+            batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS),
+        )
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
     out = {"eval/mean_reward": _mean(rewards.values()), "eval/n_scored": float(len(rewards))}
     answers = {p.uid: reference_answer(p.answer) for p in held_out if p.answer is not None}
     texts = {c.prompt_uid: c.text for c in greedy.candidates}
     correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}
-    rows = [{"uid": p.uid, "reward": rewards.get(p.uid), **({"correct": correct[p.uid]} if p.uid in correct else {}),
-             "response": texts.get(p.uid)} for p in held_out]
+    rows = [
+        {
+            "uid": p.uid,
+            "reward": rewards.get(p.uid),
+            **({"correct": correct[p.uid]} if p.uid in correct else {}),
+            "response": texts.get(p.uid),
+        }
+        for p in held_out
+    ]
     if answers:
         out["eval/accuracy"] = _mean(correct.values())
         out["eval/mean_response_tokens"] = _mean(len(c.token_ids) for c in greedy.candidates)
@@ -332,11 +397,15 @@ def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers:
 
 def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
     rewards = [sc.reward for sc in rollout.scored]
-    out = {"rollout/mean_reward": _mean(rewards), "rollout/n_candidates": float(len(rollout.candidates)),
-           "rollout/n_scored": float(len(rollout.scored)),
-           "rollout/n_failed_scores": float(rollout.n_failed), "rollout/tokens": float(rollout.generated_tokens),
-           "rollout/tokens_per_s": rollout.generated_tokens / max(wall_s, 1e-9),
-           "timing/score_actor": rollout.score_seconds}
+    out = {
+        "rollout/mean_reward": _mean(rewards),
+        "rollout/n_candidates": float(len(rollout.candidates)),
+        "rollout/n_scored": float(len(rollout.scored)),
+        "rollout/n_failed_scores": float(rollout.n_failed),
+        "rollout/tokens": float(rollout.generated_tokens),
+        "rollout/tokens_per_s": rollout.generated_tokens / max(wall_s, 1e-9),
+        "timing/score_actor": rollout.score_seconds,
+    }
     out.update({f"rollout/failed_{k}": float(v) for k, v in rollout.failures.items()})
     out.update({f"faults/{k}": float(v) for k, v in rollout.faults.items()})  # actor deaths, timeouts
     return out
@@ -348,10 +417,12 @@ def system_metrics() -> dict[str, float]:
     import psutil
 
     mem = psutil.virtual_memory()
-    return {"system/memory_used_gb": (mem.total - mem.available) / 2**30,
-            "system/memory_total_gb": mem.total / 2**30,
-            "system/load_1min": psutil.getloadavg()[0],
-            "system/driver_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    return {
+        "system/memory_used_gb": (mem.total - mem.available) / 2**30,
+        "system/memory_total_gb": mem.total / 2**30,
+        "system/load_1min": psutil.getloadavg()[0],
+        "system/driver_rss_gb": psutil.Process().memory_info().rss / 2**30,
+    }
 
 
 def list_metrics(stats: ListStats) -> dict[str, float]:
@@ -360,10 +431,16 @@ def list_metrics(stats: ListStats) -> dict[str, float]:
 
 def sample_rows(lists: list[RankedList], n: int) -> list[dict[str, Any]]:
     """Prompt, best and worst candidate with their rewards, for the W&B samples table."""
-    return [{"prompt": rl.prompt.messages[-1][1] if rl.prompt.messages else rl.prompt.text,
-             "best": rl.candidates[0].candidate.text, "best_reward": rl.candidates[0].reward,
-             "worst": rl.candidates[-1].candidate.text, "worst_reward": rl.candidates[-1].reward}
-            for rl in lists[:n]]
+    return [
+        {
+            "prompt": rl.prompt.messages[-1][1] if rl.prompt.messages else rl.prompt.text,
+            "best": rl.candidates[0].candidate.text,
+            "best_reward": rl.candidates[0].reward,
+            "worst": rl.candidates[-1].candidate.text,
+            "worst_reward": rl.candidates[-1].reward,
+        }
+        for rl in lists[:n]
+    ]
 
 
 def _mean(values) -> float:

@@ -83,8 +83,9 @@ class LearnerRestarted(RuntimeError):
         self.iteration = iteration
 
 
-def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None,
-            storage: RunStorage | None = None):
+def _worker(
+    model_path: str, cfg: Config, rank: int, world_size: int, checkpoints: str | None, storage: RunStorage | None = None
+):
     """A LearnerWorker on the newest checkpoint under `checkpoints` if there is one (a resumed
     run, or a restart after a failure), else on the initial policy; and that iteration. With a
     run folder on a URI the checkpoint is first copied from there (this node may not have it)."""
@@ -96,16 +97,23 @@ def _worker(model_path: str, cfg: Config, rank: int, world_size: int, checkpoint
         if newest is not None:
             checkpoint.pull_part(storage, newest, rank)
     resume = checkpoint.latest(checkpoints) if checkpoints else None
-    worker = LearnerWorker(model_path, cfg.model, cfg.loss, cfg.learner, cfg.loop.seed,
-                           rank=rank, world_size=world_size, resume_from=resume)
+    worker = LearnerWorker(
+        model_path,
+        cfg.model,
+        cfg.loss,
+        cfg.learner,
+        cfg.loop.seed,
+        rank=rank,
+        world_size=world_size,
+        resume_from=resume,
+    )
     return worker, checkpoint.read_state(resume).iteration if resume is not None else 0
 
 
 class LocalLearnerGroup(LearnerGroup):
     """One LearnerWorker in this process."""
 
-    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None,
-                 storage: RunStorage | None = None):
+    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None, storage: RunStorage | None = None):
         self.storage = storage
         self.worker, self._resumed_from = _worker(model_path, cfg, 0, 1, checkpoints, storage)
 
@@ -144,8 +152,9 @@ def _serve(config: dict) -> None:
     requests, replies = config["requests"][rank], config["replies"]
     nonce, epoch = uuid.uuid4().hex, None
     try:
-        worker, iteration = _worker(config["model_path"], config["cfg"], rank,
-                                    len(config["requests"]), config["checkpoints"], config["storage"])
+        worker, iteration = _worker(
+            config["model_path"], config["cfg"], rank, len(config["requests"]), config["checkpoints"], config["storage"]
+        )
         replies.put((rank, None, "ready", True, {"nonce": nonce, "iteration": iteration}))
         while True:
             req_epoch, kind, args = requests.get()
@@ -201,8 +210,14 @@ def _handle(worker, rank: int, kind: str, args: tuple, storage: RunStorage | Non
 class RayLearnerGroup(LearnerGroup):
     """`learner.num_workers` LearnerWorkers in a Ray Train TorchTrainer, serving requests."""
 
-    def __init__(self, model_path: str, cfg: Config, checkpoints: str | None = None, log_dir: str | None = None,
-                 storage: RunStorage | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        cfg: Config,
+        checkpoints: str | None = None,
+        log_dir: str | None = None,
+        storage: RunStorage | None = None,
+    ):
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -218,13 +233,23 @@ class RayLearnerGroup(LearnerGroup):
         self._storage = tempfile.TemporaryDirectory(prefix="larpo-learner-")
         self._trainer = TorchTrainer(
             _serve,
-            train_loop_config={"model_path": model_path, "cfg": cfg, "checkpoints": checkpoints,
-                               "requests": self._requests, "replies": self._replies, "log_dir": log_dir,
-                               "storage": storage},
+            train_loop_config={
+                "model_path": model_path,
+                "cfg": cfg,
+                "checkpoints": checkpoints,
+                "requests": self._requests,
+                "replies": self._replies,
+                "log_dir": log_dir,
+                "storage": storage,
+            },
             scaling_config=ScalingConfig(**scaling),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(storage_path=self._storage.name, name="learner",
-                                 failure_config=FailureConfig(max_failures=cfg.faults.learner_max_failures)))
+            run_config=RunConfig(
+                storage_path=self._storage.name,
+                name="learner",
+                failure_config=FailureConfig(max_failures=cfg.faults.learner_max_failures),
+            ),
+        )
         self._error: BaseException | None = None
         self._failed = False  # the group ended after a failure: it cannot serve further requests
         self._epoch = 0  # incarnation of the worker group (Ray Train restarts it after failures)
@@ -265,14 +290,20 @@ class RayLearnerGroup(LearnerGroup):
                     self._failed = True
                     if self._last_error is not None:
                         rank, trace = self._last_error
-                        raise RuntimeError(f"learner rank {rank} failed during {waiting_for!r} "
-                                           f"(no restarts left: faults.learner_max_failures):\n"
-                                           f"{trace}") from self._error
-                    raise RuntimeError(f"the learner group stopped while waiting for {waiting_for!r}: "
-                                       f"{self._error!r}; see the learner logs (RUN_DIR/logs/learner-rank-*.log)") from self._error
+                        raise RuntimeError(
+                            f"learner rank {rank} failed during {waiting_for!r} "
+                            f"(no restarts left: faults.learner_max_failures):\n"
+                            f"{trace}"
+                        ) from self._error
+                    raise RuntimeError(
+                        f"the learner group stopped while waiting for {waiting_for!r}: "
+                        f"{self._error!r}; see the learner logs (RUN_DIR/logs/learner-rank-*.log)"
+                    ) from self._error
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"learner request {waiting_for!r} got no reply in time; "
-                                       f"check the learner logs (RUN_DIR/logs/learner-rank-*.log)") from None
+                    raise TimeoutError(
+                        f"learner request {waiting_for!r} got no reply in time; "
+                        f"check the learner logs (RUN_DIR/logs/learner-rank-*.log)"
+                    ) from None
 
     def _await_ready(self, ready: dict[int, dict], timeout: float) -> int:
         """Wait until every rank of a (re)started group reported ready, then admit it with a new
@@ -302,8 +333,10 @@ class RayLearnerGroup(LearnerGroup):
             try:
                 rank, epoch, got, ok, payload = self._next_reply(kind, deadline)
             except TimeoutError as err:
-                raise TimeoutError(f"{err} (group epoch {self._epoch}: ranks {sorted(payloads)} of "
-                                   f"{len(self._requests)} replied; last error: {self._last_error_line()})") from None
+                raise TimeoutError(
+                    f"{err} (group epoch {self._epoch}: ranks {sorted(payloads)} of "
+                    f"{len(self._requests)} replied; last error: {self._last_error_line()})"
+                ) from None
             if got == "ready":  # Ray Train restarted the group after a failure
                 cause = self._last_error_line() or "a worker died"
                 self._resumed_from = self._await_ready({rank: payload}, START_TIMEOUT_S)
@@ -371,8 +404,7 @@ class RayLearnerGroup(LearnerGroup):
             except (TimeoutError, RuntimeError) as err:
                 # Everything the run produced is saved before shutdown: a group that does not
                 # answer is abandoned (ray.shutdown reclaims its workers), not an error.
-                warnings.warn(f"the learner group did not stop cleanly ({err}); leaving it to Ray's "
-                              f"shutdown")
+                warnings.warn(f"the learner group did not stop cleanly ({err}); leaving it to Ray's shutdown")
         self._thread.join(timeout=STOP_TIMEOUT_S)
         for queue in self._requests + [self._replies]:
             queue.shutdown()

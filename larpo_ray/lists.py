@@ -37,8 +37,13 @@ def _ranked(candidates: Iterable[ScoredCandidate]) -> list[ScoredCandidate]:
 
 
 def top_bottom(
-    candidates: list[ScoredCandidate], *, top: int, bottom: int, keep_order: bool,
-    rng: random.Random, correct_threshold: float,
+    candidates: list[ScoredCandidate],
+    *,
+    top: int,
+    bottom: int,
+    keep_order: bool,
+    rng: random.Random,
+    correct_threshold: float,
 ) -> Selection | None:
     """Top-`top` positives and bottom-`bottom` negatives by reward (disjoint; with fewer than
     top + bottom candidates, all are used: everything below the top-`top` is a negative).
@@ -82,17 +87,26 @@ def _strict_split(
 
 
 def best_worst(
-    candidates: list[ScoredCandidate], *, top: int, bottom: int, keep_order: bool,
-    rng: random.Random, correct_threshold: float,
+    candidates: list[ScoredCandidate],
+    *,
+    top: int,
+    bottom: int,
+    keep_order: bool,
+    rng: random.Random,
+    correct_threshold: float,
 ) -> Selection | None:
     """Top-1 vs bottom-1 by reward (paper's pairwise / DPO setting); ignores top/bottom."""
-    return top_bottom(candidates, top=1, bottom=1, keep_order=True, rng=rng,
-                      correct_threshold=correct_threshold)
+    return top_bottom(candidates, top=1, bottom=1, keep_order=True, rng=rng, correct_threshold=correct_threshold)
 
 
 def correct_incorrect(
-    candidates: list[ScoredCandidate], *, top: int, bottom: int, keep_order: bool,
-    rng: random.Random, correct_threshold: float,
+    candidates: list[ScoredCandidate],
+    *,
+    top: int,
+    bottom: int,
+    keep_order: bool,
+    rng: random.Random,
+    correct_threshold: float,
 ) -> Selection | None:
     """One random correct vs one random incorrect response (binary rule-based reward, PAPER.md
     math setting). Correct means reward >= correct_threshold (default 1.0: the verifier gives 1.0
@@ -106,8 +120,13 @@ def correct_incorrect(
 
 
 def all_candidates(
-    candidates: list[ScoredCandidate], *, top: int, bottom: int, keep_order: bool,
-    rng: random.Random, correct_threshold: float,
+    candidates: list[ScoredCandidate],
+    *,
+    top: int,
+    bottom: int,
+    keep_order: bool,
+    rng: random.Random,
+    correct_threshold: float,
 ) -> Selection | None:
     """The whole list in reward order, labels = rewards (objective study: "the whole list of 4")."""
     ranked = _ranked(candidates)
@@ -196,8 +215,15 @@ class CandidateMemory:
         return self._merge(prompt_uid, iteration)[0]
 
     def build_lists(
-        self, prompts: Sequence[Prompt], iteration: int, rule: str, top: int = 1, bottom: int = 1,
-        keep_order: bool = True, correct_threshold: float = 1.0, seed: int = 0,
+        self,
+        prompts: Sequence[Prompt],
+        iteration: int,
+        rule: str,
+        top: int = 1,
+        bottom: int = 1,
+        keep_order: bool = True,
+        correct_threshold: float = 1.0,
+        seed: int = 0,
     ) -> tuple[list[RankedList], ListStats]:
         """Re-rank each prompt's pooled candidates together and apply `rule` (see LIST_RULES)."""
         if rule not in LIST_RULES:
@@ -209,9 +235,14 @@ class CandidateMemory:
             pool, n_dup = self._merge(prompt.uid, iteration)
             stats.n_candidates += len(pool)
             stats.n_duplicates_removed += n_dup
-            chosen = rule_fn(pool, top=top, bottom=bottom, keep_order=keep_order,
-                             rng=prompt_rng(seed, iteration, prompt.uid),
-                             correct_threshold=correct_threshold)
+            chosen = rule_fn(
+                pool,
+                top=top,
+                bottom=bottom,
+                keep_order=keep_order,
+                rng=prompt_rng(seed, iteration, prompt.uid),
+                correct_threshold=correct_threshold,
+            )
             # Ties are not an order (PAPER.md, "The losses"): need one strictly ordered pair.
             if chosen is None or len(chosen[1]) < 2 or max(chosen[1]) == min(chosen[1]):
                 stats.n_no_pair += 1
@@ -233,15 +264,16 @@ class CandidateMemory:
         """Plain JSON types (for checkpoints): a flat list of candidate records."""
         records = [
             {**dataclasses.asdict(c.candidate), "reward": c.reward, "iteration": c.iteration}
-            for s in sorted(self._store) for cs in self._store[s].values() for c in cs
+            for s in sorted(self._store)
+            for cs in self._store[s].values()
+            for c in cs
         ]
         return {"format": 1, "candidates": records}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the stored candidates with those of `state_dict()`; config stays as built."""
         if state.get("format") != 1:
-            raise ValueError(f"unknown CandidateMemory state format {state.get('format')!r}; "
-                             "expected 1")
+            raise ValueError(f"unknown CandidateMemory state format {state.get('format')!r}; expected 1")
         self._store = {}
         self.add(_from_record(r) for r in state["candidates"])
 

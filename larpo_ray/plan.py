@@ -25,7 +25,14 @@ EPS = 1e-9
 # The "NxGPU" shorthand: per GPU, the host's vCPUs and RAM (GiB) in the 8-GPU cloud instance of
 # each kind: p5.48xlarge (H100), p5en.48xlarge (H200), p4de.24xlarge (A100), g6e.48xlarge (L40S),
 # g6.48xlarge (L4), g5.48xlarge (A10G). For other machines, give a launcher YAML.
-GPU_HOSTS = {"H100": (24, 256), "H200": (24, 256), "A100": (12, 144), "L40S": (24, 192), "L4": (24, 96), "A10G": (24, 96)}
+GPU_HOSTS = {
+    "H100": (24, 256),
+    "H200": (24, 256),
+    "A100": (12, 144),
+    "L40S": (24, 192),
+    "L4": (24, 96),
+    "A10G": (24, 96),
+}
 GIB_PER_CPU = 4  # "Ncpu" nodes: general-purpose machines (m5, n2-standard) have 4 GiB per vCPU
 
 
@@ -56,12 +63,28 @@ def requests(cfg: Config) -> dict[str, tuple[int, Request]]:
     """Per role: how many actors, and what each asks for."""
     res, gen = cfg.resources, cfg.generation
     return {
-        "generator": (gen.num_generators, Request(res.generator_cpus, res.generator_gpus * gen.tensor_parallel_size,
-                                                  res.generator_memory_gb, dict(res.generator_resources))),
-        "reward": (cfg.reward.num_actors, Request(res.reward_cpus, res.reward_gpus, res.reward_memory_gb,
-                                                  dict(res.reward_resources))),
-        "learner": (cfg.learner.num_workers, Request(res.learner_cpus_per_worker, res.learner_gpus_per_worker,
-                                                     res.learner_memory_gb_per_worker, dict(res.learner_resources_per_worker))),
+        "generator": (
+            gen.num_generators,
+            Request(
+                res.generator_cpus,
+                res.generator_gpus * gen.tensor_parallel_size,
+                res.generator_memory_gb,
+                dict(res.generator_resources),
+            ),
+        ),
+        "reward": (
+            cfg.reward.num_actors,
+            Request(res.reward_cpus, res.reward_gpus, res.reward_memory_gb, dict(res.reward_resources)),
+        ),
+        "learner": (
+            cfg.learner.num_workers,
+            Request(
+                res.learner_cpus_per_worker,
+                res.learner_gpus_per_worker,
+                res.learner_memory_gb_per_worker,
+                dict(res.learner_resources_per_worker),
+            ),
+        ),
     }
 
 
@@ -92,8 +115,12 @@ def learner_scaling(cfg: Config) -> dict:
         per_worker["GPU"] = request.gpus
     if request.memory_gib:
         per_worker["memory"] = int(request.memory_gib * GIB)
-    return {"num_workers": count, "use_gpu": request.gpus > 0, "resources_per_worker": per_worker,
-            "placement_strategy": cfg.resources.learner_placement}
+    return {
+        "num_workers": count,
+        "use_gpu": request.gpus > 0,
+        "resources_per_worker": per_worker,
+        "placement_strategy": cfg.resources.learner_placement,
+    }
 
 
 # ---- node types --------------------------------------------------------------------------------
@@ -133,9 +160,11 @@ def parse_nodes(spec: str, cfg: Config) -> list[NodeType]:
             n = int(cpu.group(1))
             types.append(NodeType(f"{n}cpu", Request(n, 0, ray_heap_gib(n * GIB_PER_CPU))))
         else:
-            raise PlanError(f"resources.nodes = {spec!r}: {part!r} is not a node type: use 'local', 'NxGPU' with GPU one "
-                            f"of {', '.join(GPU_HOSTS)} (e.g. 8xH100), 'Ncpu' (e.g. 16cpu) or a Ray launcher YAML "
-                            f"(e.g. cluster/aws.yaml); join several with '+'")
+            raise PlanError(
+                f"resources.nodes = {spec!r}: {part!r} is not a node type: use 'local', 'NxGPU' with GPU one "
+                f"of {', '.join(GPU_HOSTS)} (e.g. 8xH100), 'Ncpu' (e.g. 16cpu) or a Ray launcher YAML "
+                f"(e.g. cluster/aws.yaml); join several with '+'"
+            )
     return types
 
 
@@ -146,7 +175,11 @@ def local_node(cfg: Config) -> NodeType:
     need = total(cfg)
     cpus = max(os.cpu_count() or 1, math.ceil(need.cpus - EPS))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = len([d for d in visible.split(",") if d.strip()]) if visible is not None else len(list(Path("/dev").glob("nvidia[0-9]*")))
+    gpus = (
+        len([d for d in visible.split(",") if d.strip()])
+        if visible is not None
+        else len(list(Path("/dev").glob("nvidia[0-9]*")))
+    )
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     custom = {k: float(math.ceil(v - EPS)) for k, v in need.custom.items()}
     return NodeType("local", Request(cpus, gpus, ray_heap_gib(ram_gib), custom), max_count=1)
@@ -159,10 +192,14 @@ def launcher_nodes(path: str) -> list[NodeType]:
     if not file.is_file() and not file.is_absolute():
         file = Path(__file__).resolve().parent.parent / path
     if not file.is_file():
-        raise PlanError(f"resources.nodes: cluster file {path!r} does not exist: give a Ray launcher YAML such as cluster/aws.yaml")
+        raise PlanError(
+            f"resources.nodes: cluster file {path!r} does not exist: give a Ray launcher YAML such as cluster/aws.yaml"
+        )
     config = yaml.safe_load(file.read_text())
     if not isinstance(config, dict) or not isinstance(config.get("available_node_types"), dict):
-        raise PlanError(f"resources.nodes: {path!r} has no available_node_types: give a Ray cluster launcher YAML (ray up)")
+        raise PlanError(
+            f"resources.nodes: {path!r} has no available_node_types: give a Ray cluster launcher YAML (ray up)"
+        )
     types = []
     for name, node in config["available_node_types"].items():
         custom = dict(node.get("resources") or {})
@@ -170,8 +207,15 @@ def launcher_nodes(path: str) -> list[NodeType]:
         memory = custom.pop("memory", None)  # bytes; usually detected by Ray on the node, so absent
         custom.pop("object_store_memory", None)
         head = name == config.get("head_node_type")
-        types.append(NodeType(name, Request(cpus, gpus, (memory or 0) / GIB, custom), memory_known=memory is not None,
-                              max_count=1 if head else node.get("max_workers", config.get("max_workers")), head=head))
+        types.append(
+            NodeType(
+                name,
+                Request(cpus, gpus, (memory or 0) / GIB, custom),
+                memory_known=memory is not None,
+                max_count=1 if head else node.get("max_workers", config.get("max_workers")),
+                head=head,
+            )
+        )
     return types
 
 
@@ -221,7 +265,9 @@ def items(cfg: Config, types: list[NodeType]) -> list[Item]:
     n, worker = rows["learner"]
     placement = cfg.resources.learner_placement
     group = Item(f"learner group ({n} workers x {_fmt(worker)}, {placement})", "learner", worker.times(n), actors=n)
-    if placement == "STRICT_PACK" or (placement == "PACK" and any(fits(t.capacity, Request(0, 0), group.request, t.memory_known) for t in types)):
+    if placement == "STRICT_PACK" or (
+        placement == "PACK" and any(fits(t.capacity, Request(0, 0), group.request, t.memory_known) for t in types)
+    ):
         out.append(group)
     else:  # SPREAD / STRICT_SPREAD, or PACK too big for one node: Ray places the bundles one by one
         out += [Item(f"learner worker {i}", "learner", worker, apart=placement == "STRICT_SPREAD") for i in range(n)]
@@ -234,9 +280,18 @@ def make_plan(cfg: Config, spec: str | None = None) -> Plan:
     spec = cfg.resources.nodes if spec is None else spec
     types = parse_nodes(spec, cfg)
     nodes = [Node(t) for t in types if t.head]
-    for item in sorted(items(cfg, types), key=lambda it: (it.request.gpus, it.request.cpus, it.request.memory_gib), reverse=True):
-        node = next((n for n in nodes if fits(n.type.capacity, n.used, item.request, n.type.memory_known)
-                     and not (item.apart and n.holds.get(item.role))), None)
+    for item in sorted(
+        items(cfg, types), key=lambda it: (it.request.gpus, it.request.cpus, it.request.memory_gib), reverse=True
+    ):
+        node = next(
+            (
+                n
+                for n in nodes
+                if fits(n.type.capacity, n.used, item.request, n.type.memory_known)
+                and not (item.apart and n.holds.get(item.role))
+            ),
+            None,
+        )
         if node is None:
             node = Node(_new_node_type(item, types, nodes, spec))
             nodes.append(node)
@@ -250,26 +305,37 @@ def _new_node_type(item: Item, types: list[NodeType], nodes: list[Node], spec: s
     the actor, its request and the biggest node type."""
     empty = Request(0.0, 0.0)
     holding = [t for t in types if fits(t.capacity, empty, item.request, t.memory_known)]
-    addable = [t for t in holding if not t.head and (t.max_count is None or sum(n.type is t for n in nodes) < t.max_count)]
+    addable = [
+        t for t in holding if not t.head and (t.max_count is None or sum(n.type is t for n in nodes) < t.max_count)
+    ]
     if addable:
         return min(addable, key=lambda t: (t.capacity.gpus, t.capacity.cpus, t.capacity.memory_gib))
     biggest = max(types, key=lambda t: (t.capacity.gpus, t.capacity.cpus, t.capacity.memory_gib))
-    knobs = {"generator": "resources.generator_* and generation.tensor_parallel_size", "reward": "resources.reward_*",
-             "learner": "resources.learner_*, learner.num_workers or resources.learner_placement"}[item.role]
+    knobs = {
+        "generator": "resources.generator_* and generation.tensor_parallel_size",
+        "reward": "resources.reward_*",
+        "learner": "resources.learner_*, learner.num_workers or resources.learner_placement",
+    }[item.role]
     if not holding:
-        raise PlanError(f"{item.label} requests {_fmt(item.request)}, more than any node type of resources.nodes = {spec!r} "
-                        f"offers (the biggest, {biggest.name}, has {_fmt(biggest.capacity, biggest.memory_known)}): "
-                        f"lower {knobs}, or plan for bigger nodes")
+        raise PlanError(
+            f"{item.label} requests {_fmt(item.request)}, more than any node type of resources.nodes = {spec!r} "
+            f"offers (the biggest, {biggest.name}, has {_fmt(biggest.capacity, biggest.memory_known)}): "
+            f"lower {knobs}, or plan for bigger nodes"
+        )
     caps = ", ".join(f"{t.name}: {t.max_count}" for t in holding)
-    raise PlanError(f"{item.label} requests {_fmt(item.request)}, but resources.nodes = {spec!r} allows no more nodes "
-                    f"that hold it (max_workers {caps}): raise max_workers, or lower {knobs}")
+    raise PlanError(
+        f"{item.label} requests {_fmt(item.request)}, but resources.nodes = {spec!r} allows no more nodes "
+        f"that hold it (max_workers {caps}): raise max_workers, or lower {knobs}"
+    )
 
 
 def _notes(cfg: Config) -> dict[str, str]:
     gen = cfg.generation
-    return {"generator": f"one actor per engine ({gen.engine}, tensor_parallel_size {gen.tensor_parallel_size})",
-            "reward": f"one actor each (reward.kind = {cfg.reward.kind})",
-            "learner": f"Ray Train placement group, {cfg.resources.learner_placement}"}
+    return {
+        "generator": f"one actor per engine ({gen.engine}, tensor_parallel_size {gen.tensor_parallel_size})",
+        "reward": f"one actor each (reward.kind = {cfg.reward.kind})",
+        "learner": f"Ray Train placement group, {cfg.resources.learner_placement}",
+    }
 
 
 # ---- printing ----------------------------------------------------------------------------------
@@ -302,24 +368,50 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_plan(plan: Plan, title: str = "") -> str:
     """The plan as text: actors and their requests, totals, then the nodes and what each holds."""
     names = {"generator": "generator", "reward": "reward", "learner": "learner worker"}
-    rows = [[names[role], str(n), _num(r.cpus), _num(r.gpus), _gib(r.memory_gib), _custom(r.custom), plan.notes[role]]
-            for role, (n, r) in plan.rows.items()]
+    rows = [
+        [names[role], str(n), _num(r.cpus), _num(r.gpus), _gib(r.memory_gib), _custom(r.custom), plan.notes[role]]
+        for role, (n, r) in plan.rows.items()
+    ]
     t = plan.total
-    rows.append(["total", str(sum(n for n, _ in plan.rows.values())), _num(t.cpus), _num(t.gpus), _gib(t.memory_gib), _custom(t.custom), ""])
+    rows.append(
+        [
+            "total",
+            str(sum(n for n, _ in plan.rows.values())),
+            _num(t.cpus),
+            _num(t.gpus),
+            _gib(t.memory_gib),
+            _custom(t.custom),
+            "",
+        ]
+    )
     lines = [f"larpo-ray resource plan{' for ' + title if title else ''} (dry run: nothing started)", ""]
     lines += _table(["actors", "count", "CPU each", "GPU each", "memory each", "custom each", "placement"], rows)
     counts: dict[str, int] = {}
     for node in plan.nodes:
         counts[node.type.name] = counts.get(node.type.name, 0) + 1
-    lines += ["", f"nodes needed (resources.nodes = {plan.spec}): " + ", ".join(f"{c} x {name}" for name, c in counts.items()), ""]
+    lines += [
+        "",
+        f"nodes needed (resources.nodes = {plan.spec}): " + ", ".join(f"{c} x {name}" for name, c in counts.items()),
+        "",
+    ]
     node_rows = []
     for i, node in enumerate(plan.nodes):
         cap, used = node.type.capacity, node.used
         holds = ", ".join(f"{names[role]} x{n}" for role, n in node.holds.items()) or "(nothing)"
-        node_rows.append([str(i), node.type.name + (" (head)" if node.type.head else ""),
-                          f"{_num(used.cpus)}/{_num(cap.cpus)}", f"{_num(used.gpus)}/{_num(cap.gpus)}",
-                          f"{_gib(used.memory_gib)} / {_gib(cap.memory_gib, node.type.memory_known)}", holds])
+        node_rows.append(
+            [
+                str(i),
+                node.type.name + (" (head)" if node.type.head else ""),
+                f"{_num(used.cpus)}/{_num(cap.cpus)}",
+                f"{_num(used.gpus)}/{_num(cap.gpus)}",
+                f"{_gib(used.memory_gib)} / {_gib(cap.memory_gib, node.type.memory_known)}",
+                holds,
+            ]
+        )
     lines += _table(["node", "type", "CPU used", "GPU used", "memory used", "holds"], node_rows)
-    lines += ["", "The driver runs where it is launched (the head) and reserves nothing. Memory is Ray's logical",
-              "`memory` resource: a node's RAM less the object store (30%, at most 200 GB)."]
+    lines += [
+        "",
+        "The driver runs where it is launched (the head) and reserves nothing. Memory is Ray's logical",
+        "`memory` resource: a node's RAM less the object store (30%, at most 200 GB).",
+    ]
     return "\n".join(lines)

@@ -41,9 +41,19 @@ from larpo_ray.tracking import TABLE_COLUMNS
 
 EVAL_KEYS = ("eval/mean_reward", "eval/accuracy", "eval/win_rate_vs_initial")
 PHASES = ("generate", "lists", "train", "sync", "eval", "checkpoint", "overhead")
-KNOBS = ("model.name_or_path", "loss.name", "loss.beta", "generation.k", "generation.temperature",
-         "generation.mixed_temperatures", "lists.rule", "lists.memory", "learner.lr", "learner.epochs",
-         "loop.iterations")
+KNOBS = (
+    "model.name_or_path",
+    "loss.name",
+    "loss.beta",
+    "generation.k",
+    "generation.temperature",
+    "generation.mixed_temperatures",
+    "lists.rule",
+    "lists.memory",
+    "learner.lr",
+    "learner.epochs",
+    "loop.iterations",
+)
 Records = list[dict[str, Any]]
 
 
@@ -55,9 +65,13 @@ def read_metrics(run_dir: Path) -> Records:
     """RUN_DIR/metrics.jsonl, one record per line (blank lines skipped)."""
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
-        raise ReportError(f"run folder {str(run_dir)!r} does not exist: give a folder written by python -m larpo_ray.run")
+        raise ReportError(
+            f"run folder {str(run_dir)!r} does not exist: give a folder written by python -m larpo_ray.run"
+        )
     if not path.is_file():
-        raise ReportError(f"run folder {str(run_dir)!r} has no metrics.jsonl: expected a folder written by python -m larpo_ray.run")
+        raise ReportError(
+            f"run folder {str(run_dir)!r} has no metrics.jsonl: expected a folder written by python -m larpo_ray.run"
+        )
     records = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -177,7 +191,9 @@ def deltas(records: Records) -> list[str]:
     for key in EVAL_KEYS:
         xs, ys = series(records, key)
         if xs:
-            rows.append(f"| {key} | {ys[0]:.4g} (iter {xs[0]}) | {ys[-1]:.4g} (iter {xs[-1]}) | {ys[-1] - ys[0]:+.4g} |")
+            rows.append(
+                f"| {key} | {ys[0]:.4g} (iter {xs[0]}) | {ys[-1]:.4g} (iter {xs[-1]}) | {ys[-1] - ys[0]:+.4g} |"
+            )
         else:
             rows.append(f"| {key} | - | - | not measured |")
     return rows
@@ -198,13 +214,38 @@ def knobs(run_dir: Path) -> list[str]:
 def write_summary(run_dir: Path, records: Records, out: Path, loss_kind: str, notes: list[str]) -> None:
     table = ["| " + " | ".join(name for name, _, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     table += ["| " + " | ".join(_cell(r.get(key)) for _, key, _ in TABLE_COLUMNS) + " |" for r in records]
-    lines = [f"# larpo-ray run report: {run_dir.name}", "", f"Run folder: `{run_dir}`", "",
-             "## Config", "", *knobs(run_dir), "",
-             "## Start -> end", "", *deltas(records), "",
-             "## Per iteration", "", "Iteration 0 is the initial policy's evaluation.", "", *table, "",
-             "## Plots", "", "![evaluation](eval.png)", "",
-             f"![loss](loss.png) Loss {loss_kind}.", "", "![timings](timings.png)", "",
-             "## Not shown", "", *([f"- {n}" for n in notes] or ["- nothing: every metric was recorded"]), ""]
+    lines = [
+        f"# larpo-ray run report: {run_dir.name}",
+        "",
+        f"Run folder: `{run_dir}`",
+        "",
+        "## Config",
+        "",
+        *knobs(run_dir),
+        "",
+        "## Start -> end",
+        "",
+        *deltas(records),
+        "",
+        "## Per iteration",
+        "",
+        "Iteration 0 is the initial policy's evaluation.",
+        "",
+        *table,
+        "",
+        "## Plots",
+        "",
+        "![evaluation](eval.png)",
+        "",
+        f"![loss](loss.png) Loss {loss_kind}.",
+        "",
+        "![timings](timings.png)",
+        "",
+        "## Not shown",
+        "",
+        *([f"- {n}" for n in notes] or ["- nothing: every metric was recorded"]),
+        "",
+    ]
     (out / "summary.md").write_text("\n".join(lines))
 
 
@@ -227,9 +268,14 @@ def export_alpacaeval(run_dir: Path, checkpoint: Path | None = None, generator: 
 
     checkpoint = (checkpoint or run_dir / "policy").absolute()
     if not checkpoint.is_dir():
-        raise ReportError(f"checkpoint {str(checkpoint)!r} is not a folder: give an HF model folder with --checkpoint (default RUN_DIR/policy)")
+        raise ReportError(
+            f"checkpoint {str(checkpoint)!r} is not a folder: give an HF model folder with --checkpoint (default "
+            "RUN_DIR/policy)"
+        )
     if not (run_dir / "config.yaml").is_file():
-        raise ReportError(f"run folder {str(run_dir)!r} has no config.yaml: the export regenerates with the run's config")
+        raise ReportError(
+            f"run folder {str(run_dir)!r} has no config.yaml: the export regenerates with the run's config"
+        )
     data = load_config(str(run_dir / "config.yaml")).to_dict()
     data["model"]["name_or_path"] = str(checkpoint)
     data["resources"]["use_ray"] = False
@@ -244,7 +290,10 @@ def export_alpacaeval(run_dir: Path, checkpoint: Path | None = None, generator: 
             texts = {c.prompt_uid: c.text for c in session.runtime.rollout(prompts, [0.0], -1).candidates}
         finally:
             session.close()
-    rows = [{"instruction": _instruction(p.messages, p.text), "output": texts.get(p.uid, ""), "generator": generator} for p in prompts]
+    rows = [
+        {"instruction": _instruction(p.messages, p.text), "output": texts.get(p.uid, ""), "generator": generator}
+        for p in prompts
+    ]
     out = run_dir / "report" / f"alpacaeval_{checkpoint.name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
@@ -257,10 +306,13 @@ def _instruction(messages: tuple[tuple[str, str], ...], fallback: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m larpo_ray.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m larpo_ray.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="a run folder (holds metrics.jsonl and config.yaml), or its URI (s3://...)")
-    parser.add_argument("--export-alpacaeval", action="store_true", help="also write held-out generations for AlpacaEval")
+    parser.add_argument(
+        "--export-alpacaeval", action="store_true", help="also write held-out generations for AlpacaEval"
+    )
     parser.add_argument("--checkpoint", type=Path, help="HF model folder to export (default RUN_DIR/policy)")
     parser.add_argument("--generator", help="AlpacaEval generator name (default <run folder>-<checkpoint>)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -271,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(storage.local)
         out = report(run_dir)
         storage.push("report")
-        print(f"larpo-ray report: wrote {storage.display}/report/summary.md and its plots"
-              + (f" (staged in {out})" if storage.remote else ""))
+        print(
+            f"larpo-ray report: wrote {storage.display}/report/summary.md and its plots"
+            + (f" (staged in {out})" if storage.remote else "")
+        )
         if args.export_alpacaeval:
             path = export_alpacaeval(run_dir, args.checkpoint, args.generator)
             storage.push("report")

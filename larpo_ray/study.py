@@ -116,7 +116,11 @@ def load_study(path: str) -> Study:
     if not isinstance(variants, dict) or not variants:
         raise ConfigError(f"{where} needs 'variants:', a mapping of variant names to {{overrides: ..., recipe: ...}}")
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise ConfigError(f"{where}: seeds = {seeds!r} must be a non-empty list of integers, e.g. [0, 1, 2]")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds = {seeds!r} repeats a seed")
@@ -124,19 +128,36 @@ def load_study(path: str) -> Study:
     for name, body in variants.items():
         body = {} if body is None else body
         if not isinstance(body, dict):
-            raise ConfigError(f"{where}: variant {name!r} must be a mapping with overrides: and/or recipe:, got {body!r}")
+            raise ConfigError(
+                f"{where}: variant {name!r} must be a mapping with overrides: and/or recipe:, got {body!r}"
+            )
         _check_keys(body, VARIANT_KEYS, f"{where}, variant {name!r}")
         if not str(name).replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant name {name!r} must be letters, digits, '-' or '_' (it names a folder)")
-        parsed.append(Variant(str(name), str(body.get("description", "")), body.get("recipe"),
-                              _overrides(body.get("overrides"), f"{where}, variant {name!r}")))
-    study = Study(name=str(data.get("name") or Path(path).stem), variants=parsed, seeds=seeds,
-                  recipe=data.get("recipe"), overrides=_overrides(data.get("overrides"), where),
-                  seed_keys=tuple(data.get("seed_keys", DEFAULT_SEED_KEYS)), baseline=data.get("baseline"),
-                  metric=str(data.get("metric", "eval/accuracy")), description=str(data.get("description", "")),
-                  source=str(path))
+        parsed.append(
+            Variant(
+                str(name),
+                str(body.get("description", "")),
+                body.get("recipe"),
+                _overrides(body.get("overrides"), f"{where}, variant {name!r}"),
+            )
+        )
+    study = Study(
+        name=str(data.get("name") or Path(path).stem),
+        variants=parsed,
+        seeds=seeds,
+        recipe=data.get("recipe"),
+        overrides=_overrides(data.get("overrides"), where),
+        seed_keys=tuple(data.get("seed_keys", DEFAULT_SEED_KEYS)),
+        baseline=data.get("baseline"),
+        metric=str(data.get("metric", "eval/accuracy")),
+        description=str(data.get("description", "")),
+        source=str(path),
+    )
     if study.baseline is not None and study.baseline not in [v.name for v in parsed]:
-        raise ConfigError(f"{where}: baseline = {study.baseline!r} is not a variant; variants: {[v.name for v in parsed]}")
+        raise ConfigError(
+            f"{where}: baseline = {study.baseline!r} is not a variant; variants: {[v.name for v in parsed]}"
+        )
     return study
 
 
@@ -154,7 +175,9 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and "." in k for k in value):
-        raise ConfigError(f"{where}: overrides must map dotted keys to values, e.g. {{loss.name: listmle, learner.lr: 1.0e-5}}")
+        raise ConfigError(
+            f"{where}: overrides must map dotted keys to values, e.g. {{loss.name: listmle, learner.lr: 1.0e-5}}"
+        )
     return dict(value)
 
 
@@ -171,8 +194,13 @@ def plan_runs(study: Study, out: Path, cli_overrides: list[str]) -> list[Planned
             recipe = variant.recipe or study.recipe
             recipe_path = _recipe_path(recipe) if recipe else None
             run_dir = out / variant.name / f"seed-{seed}"
-            values = {**study.overrides, **variant.overrides, **cli,
-                      **{k: seed for k in study.seed_keys}, "loop.run_dir": str(run_dir)}
+            values = {
+                **study.overrides,
+                **variant.overrides,
+                **cli,
+                **{k: seed for k in study.seed_keys},
+                "loop.run_dir": str(run_dir),
+            }
             args = ([] if recipe_path is None else ["--config", recipe_path]) + _as_args(values)
             try:
                 cfg = load_config(recipe_path, None, args[2:] if recipe_path else args)
@@ -214,9 +242,11 @@ def run_state(run: PlannedRun) -> str:
         return "new"
     differing = incompatible_keys(read_yaml(saved), run.config.to_dict())
     if differing:
-        raise ConfigError(f"{run.label}: {run.run_dir} holds a run whose config differs from the study in keys "
-                          f"that change it: {'; '.join(differing)}. Give the study another --out folder, or "
-                          f"remove that run folder to run it again")
+        raise ConfigError(
+            f"{run.label}: {run.run_dir} holds a run whose config differs from the study in keys "
+            f"that change it: {'; '.join(differing)}. Give the study another --out folder, or "
+            f"remove that run folder to run it again"
+        )
     return "done" if last_iteration(run.run_dir) >= run.config.loop.iterations else "partial"
 
 
@@ -242,9 +272,13 @@ def command(run: PlannedRun, state: str) -> list[str]:
     base = [sys.executable, "-m", "larpo_ray.run"]
     if state == "partial":
         cfg = run.config
-        keep = {"loop.iterations": cfg.loop.iterations, "logging.wandb_mode": cfg.logging.wandb_mode,
-                "logging.wandb_group": cfg.logging.wandb_group, "logging.run_name": cfg.logging.run_name,
-                "logging.progress": cfg.logging.progress}
+        keep = {
+            "loop.iterations": cfg.loop.iterations,
+            "logging.wandb_mode": cfg.logging.wandb_mode,
+            "logging.wandb_group": cfg.logging.wandb_group,
+            "logging.run_name": cfg.logging.run_name,
+            "logging.progress": cfg.logging.progress,
+        }
         return base + ["--resume", str(run.run_dir)] + _as_args({k: v for k, v in keep.items() if v is not None})
     return base + run.args
 
@@ -258,8 +292,12 @@ def execute(run: PlannedRun, state: str) -> dict[str, Any]:
         log.write(f"\n==== larpo-ray study: {' '.join(command(run, state))} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         log.flush()
         proc = subprocess.run(command(run, state), stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-    status = {"state": "done" if proc.returncode == 0 else "failed", "returncode": proc.returncode,
-              "seconds": time.time() - start, "resumed": state == "partial"}
+    status = {
+        "state": "done" if proc.returncode == 0 else "failed",
+        "returncode": proc.returncode,
+        "seconds": time.time() - start,
+        "resumed": state == "partial",
+    }
     if proc.returncode != 0:
         status["error"] = _tail(log_path)
     return status
@@ -316,8 +354,10 @@ def _outcome(run: PlannedRun, result: dict) -> str:
     # the error itself, not Ray's noise after it: the last line naming an error, else the last
     last = next((ln for ln in reversed(lines) if "Error" in ln or ln.startswith("larpo-ray:")), lines[-1])
     last = last if len(last) <= 300 else last[:300] + " ..."  # Ray's errors can run to pages
-    return (f"FAILED (exit {result['returncode']}) after {minutes:.1f} min: {last} "
-            f"(console: {run.run_dir / 'console.log'}); the other runs go on")
+    return (
+        f"FAILED (exit {result['returncode']}) after {minutes:.1f} min: {last} "
+        f"(console: {run.run_dir / 'console.log'}); the other runs go on"
+    )
 
 
 def _key(run: PlannedRun) -> str:
@@ -342,15 +382,23 @@ def _write_status(out: Path, status: dict) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m larpo_ray.study", description="Compare larpo-ray variants over seeds.")
+    parser = argparse.ArgumentParser(
+        prog="python -m larpo_ray.study", description="Compare larpo-ray variants over seeds."
+    )
     parser.add_argument("study", help="a study file (YAML), e.g. configs/study-objectives.yaml")
     parser.add_argument("--out", help="study folder (default: runs/study-<name>)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; start nothing")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (on a Ray cluster; default 1)")
-    parser.add_argument("--report-only", action="store_true", help="only write study.md / .json / .png from the runs so far")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only write study.md / .json / .png from the runs so far"
+    )
     parser.add_argument("--variants", help="comma-separated variant names: run and report only these")
-    parser.add_argument("--export", metavar="DIR", help="also copy the report and each run's small files (config, metrics, "
-                        "held-out answers; no weights) to DIR, from which --out DIR --report-only rebuilds the report")
+    parser.add_argument(
+        "--export",
+        metavar="DIR",
+        help="also copy the report and each run's small files (config, metrics, "
+        "held-out answers; no weights) to DIR, from which --out DIR --report-only rebuilds the report",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -372,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             out.mkdir(parents=True, exist_ok=True)
             (out / "study.yaml").write_text(Path(args.study).read_text())
-            print(f"larpo-ray study {study.name!r}: {len(runs)} runs ({len(study.variants)} variants x "
-                  f"{len(study.seeds)} seeds) in {out}", flush=True)
+            print(
+                f"larpo-ray study {study.name!r}: {len(runs)} runs ({len(study.variants)} variants x "
+                f"{len(study.seeds)} seeds) in {out}",
+                flush=True,
+            )
             status = run_all(runs, out, args.parallel, echo=lambda s: print(s, flush=True))
         else:
             status = _read_status(out)
@@ -385,12 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(study, runs, out, status)
     print("\n".join(f"larpo-ray study: wrote {p}" for p in paths))
     if args.export:
-        print(f"larpo-ray study: exported the report and {export(runs, out, Path(args.export).absolute())} run folders' "
-              f"small files to {args.export}")
+        print(
+            f"larpo-ray study: exported the report and {export(runs, out, Path(args.export).absolute())} run folders' "
+            f"small files to {args.export}"
+        )
     failed = [k for k, v in status.items() if v.get("state") == "failed"]
     if failed:
-        print(f"larpo-ray study: {len(failed)} run(s) failed: {', '.join(sorted(failed))}; run the same command "
-              f"again to retry them (finished runs are skipped)", file=sys.stderr)
+        print(
+            f"larpo-ray study: {len(failed)} run(s) failed: {', '.join(sorted(failed))}; run the same command "
+            f"again to retry them (finished runs are skipped)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -441,8 +497,11 @@ def _name_runs(runs: list[PlannedRun]) -> None:
 
 
 def format_plan(study: Study, runs: list[PlannedRun], out: Path) -> str:
-    lines = [f"larpo-ray study {study.name!r} ({study.source}): {len(runs)} runs in {out} (dry run: nothing started)",
-             "each: python -m larpo_ray.run [args] --loop.run_dir STUDY/<variant>/seed-<s>", ""]
+    lines = [
+        f"larpo-ray study {study.name!r} ({study.source}): {len(runs)} runs in {out} (dry run: nothing started)",
+        "each: python -m larpo_ray.run [args] --loop.run_dir STUDY/<variant>/seed-<s>",
+        "",
+    ]
     width = max(len(r.label) for r in runs)
     hidden = {"--loop.run_dir", "--logging.run_name", "--logging.wandb_group"}
     for run in runs:

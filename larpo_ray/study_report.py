@@ -23,13 +23,27 @@ if TYPE_CHECKING:
 ALPHA = 0.05
 # (column, how to get it from one run's summary, format)
 COLUMNS = (
-    ("final", "{:.3f}"), ("gain", "{:+.3f}"), ("win_rate", "{:.3f}"), ("pass_at", "{:.3f}"),
-    ("reward_accuracy", "{:.3f}"), ("lists_per_iteration", "{:.1f}"), ("generated_tokens", "{:,.0f}"),
-    ("trained_tokens", "{:,.0f}"), ("loop_minutes", "{:.1f}"),
+    ("final", "{:.3f}"),
+    ("gain", "{:+.3f}"),
+    ("win_rate", "{:.3f}"),
+    ("pass_at", "{:.3f}"),
+    ("reward_accuracy", "{:.3f}"),
+    ("lists_per_iteration", "{:.1f}"),
+    ("generated_tokens", "{:,.0f}"),
+    ("trained_tokens", "{:,.0f}"),
+    ("loop_minutes", "{:.1f}"),
 )
-HEADERS = {"final": "final {metric}", "gain": "gain vs initial", "win_rate": "win-rate vs initial",
-           "pass_at": "Pass@N", "reward_accuracy": "reward acc (train)", "lists_per_iteration": "lists / iter",
-           "generated_tokens": "generated tokens", "trained_tokens": "trained tokens", "loop_minutes": "wall (min)"}
+HEADERS = {
+    "final": "final {metric}",
+    "gain": "gain vs initial",
+    "win_rate": "win-rate vs initial",
+    "pass_at": "Pass@N",
+    "reward_accuracy": "reward acc (train)",
+    "lists_per_iteration": "lists / iter",
+    "generated_tokens": "generated tokens",
+    "trained_tokens": "trained tokens",
+    "loop_minutes": "wall (min)",
+}
 
 
 def read_run(run_dir: Path, metric: str, iterations: int) -> dict[str, Any] | None:
@@ -55,15 +69,18 @@ def read_run(run_dir: Path, metric: str, iterations: int) -> dict[str, Any] | No
     pass_keys = sorted(k for k in last if k.startswith("eval/pass@"))
     initial = records.get(0, {}).get(metric)
     return {
-        "final": last.get(metric), "initial": initial,
+        "final": last.get(metric),
+        "initial": initial,
         "gain": None if initial is None or last.get(metric) is None else last[metric] - initial,
         "win_rate": last.get("eval/win_rate_vs_initial"),
-        "pass_at": last.get(pass_keys[-1]) if pass_keys else None, "pass_key": pass_keys[-1] if pass_keys else None,
+        "pass_at": last.get(pass_keys[-1]) if pass_keys else None,
+        "pass_key": pass_keys[-1] if pass_keys else None,
         "reward_accuracy": last.get("train/reward_accuracy"),
         "lists_per_iteration": mean([r.get("lists/n_lists") or 0.0 for r in its]),
         "generated_tokens": sum(r.get("rollout/tokens") or 0.0 for r in its),
         "trained_tokens": sum(r.get("train/tokens") or 0.0 for r in its),
-        "loop_minutes": elapsed / 60, "curve": curve,
+        "loop_minutes": elapsed / 60,
+        "curve": curve,
         "per_prompt": _per_prompt(run_dir, iterations, metric),
     }
 
@@ -86,9 +103,16 @@ def summarize(study: Study, runs: list[PlannedRun], status: dict[str, dict]) -> 
         state = "done" if summary else status.get(f"{run.variant}/seed-{run.seed}", {}).get("state", "missing")
         state = "partial" if state == "done" and not summary else state
         process_s = status.get(f"{run.variant}/seed-{run.seed}", {}).get("seconds")
-        per_run.append({"variant": run.variant, "seed": run.seed, "state": state, "run_dir": str(run.run_dir),
-                        "process_minutes": None if process_s is None else process_s / 60,
-                        **({k: v for k, v in summary.items() if k not in ("per_prompt", "curve")} if summary else {})})
+        per_run.append(
+            {
+                "variant": run.variant,
+                "seed": run.seed,
+                "state": state,
+                "run_dir": str(run.run_dir),
+                "process_minutes": None if process_s is None else process_s / 60,
+                **({k: v for k, v in summary.items() if k not in ("per_prompt", "curve")} if summary else {}),
+            }
+        )
         if summary:
             variants.setdefault(run.variant, {})[run.seed] = summary
     rows = []
@@ -101,9 +125,17 @@ def summarize(study: Study, runs: list[PlannedRun], status: dict[str, dict]) -> 
         row["pass_key"] = next((s["pass_key"] for s in done.values() if s.get("pass_key")), None)
         row["curve"] = _mean_curve(list(done.values()))
         rows.append(row)
-    return {"study": study.name, "description": study.description, "metric": study.metric, "seeds": study.seeds,
-            "baseline": study.baseline, "variants": rows, "differences": differences(study, variants), "runs": per_run,
-            "held_out_prompts": _held_out(variants)}
+    return {
+        "study": study.name,
+        "description": study.description,
+        "metric": study.metric,
+        "seeds": study.seeds,
+        "baseline": study.baseline,
+        "variants": rows,
+        "differences": differences(study, variants),
+        "runs": per_run,
+        "held_out_prompts": _held_out(variants),
+    }
 
 
 def differences(study: Study, variants: dict[str, dict[int, dict]]) -> list[dict[str, Any]]:
@@ -111,7 +143,7 @@ def differences(study: Study, variants: dict[str, dict[int, dict]]) -> list[dict
     the final metric, Holm-adjusted p-values."""
     names = [v.name for v in study.variants if variants.get(v.name)]
     names.sort(key=lambda n: n != study.baseline)
-    pairs = [(a, b) for i, b in enumerate(names) for a in names[i + 1:]]
+    pairs = [(a, b) for i, b in enumerate(names) for a in names[i + 1 :]]
     out = []
     for a, b in pairs:
         pa = {s: r["per_prompt"] for s, r in variants[a].items() if r["per_prompt"]}
@@ -136,8 +168,16 @@ def _mean_curve(summaries: list[dict]) -> list[dict[str, float]]:
     out = []
     for i in sorted(by_iter):
         m, lo, hi = t_interval([v for v, _ in by_iter[i]])
-        out.append({"iteration": i, "mean": _num(m), "low": _num(lo), "high": _num(hi),
-                    "minutes": mean([t for _, t in by_iter[i]]) / 60, "n": len(by_iter[i])})
+        out.append(
+            {
+                "iteration": i,
+                "mean": _num(m),
+                "low": _num(lo),
+                "high": _num(hi),
+                "minutes": mean([t for _, t in by_iter[i]]) / 60,
+                "n": len(by_iter[i]),
+            }
+        )
     return out
 
 
@@ -183,13 +223,16 @@ def markdown(study: Study, summary: dict[str, Any]) -> str:
     lines = [f"# larpo-ray study: {study.name}", ""]
     if study.description:
         lines += [study.description.strip(), ""]
-    lines += [f"Study file: `{study.source}`; seeds {study.seeds}; runs: {states.count('done')} done, "
-              f"{states.count('failed')} failed, {len(states) - states.count('done') - states.count('failed')} not finished. "
-              f"Held-out prompts: {summary['held_out_prompts']} (one prompt = "
-              f"{100 / max(summary['held_out_prompts'], 1):.2f} points). Cells: mean over seeds [95% Student-t interval]; "
-              f"wall = initial evaluation + iterations + checkpoints (start-up excluded).", "",
-              "| variant | seeds | " + " | ".join(HEADERS[c].format(metric=metric) for c, _ in COLUMNS) + " |",
-              "|---|---|" + "---|" * len(COLUMNS)]
+    lines += [
+        f"Study file: `{study.source}`; seeds {study.seeds}; runs: {states.count('done')} done, "
+        f"{states.count('failed')} failed, {len(states) - states.count('done') - states.count('failed')} not finished. "
+        f"Held-out prompts: {summary['held_out_prompts']} (one prompt = "
+        f"{100 / max(summary['held_out_prompts'], 1):.2f} points). Cells: mean over seeds [95% Student-t interval]; "
+        f"wall = initial evaluation + iterations + checkpoints (start-up excluded).",
+        "",
+        "| variant | seeds | " + " | ".join(HEADERS[c].format(metric=metric) for c, _ in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     for row in summary["variants"]:
         cells = [_cell(row[c], fmt) for c, fmt in COLUMNS]
         name = f"**{row['variant']}**" if row["variant"] == study.baseline else row["variant"]
@@ -197,30 +240,58 @@ def markdown(study: Study, summary: dict[str, Any]) -> str:
     pass_keys = {r["pass_key"] for r in summary["variants"] if r["pass_key"]}
     if pass_keys:
         lines += ["", f"Pass@N column: {', '.join(sorted(pass_keys))} (greedy eval is separate)."]
-    lines += ["", "Variants:", ""] + [f"- `{v.name}`: {v.description or ''} overrides `{v.overrides}`"
-                                       + (f", recipe `{v.recipe}`" if v.recipe else "") for v in study.variants]
-    lines += ["", f"## Differences in final {metric}", "",
-              "A - B over the same seeds and held-out prompts; interval and p from a paired two-stage bootstrap "
-              "(resample seeds, then prompts); p (Holm) adjusts for all pairs; significant: p (Holm) < 0.05.", "",
-              "| A - B | difference | 95% interval | p | p (Holm) | significant |", "|---|---|---|---|---|---|"]
+    lines += ["", "Variants:", ""] + [
+        f"- `{v.name}`: {v.description or ''} overrides `{v.overrides}`"
+        + (f", recipe `{v.recipe}`" if v.recipe else "")
+        for v in study.variants
+    ]
+    lines += [
+        "",
+        f"## Differences in final {metric}",
+        "",
+        "A - B over the same seeds and held-out prompts; interval and p from a paired two-stage bootstrap "
+        "(resample seeds, then prompts); p (Holm) adjusts for all pairs; significant: p (Holm) < 0.05.",
+        "",
+        "| A - B | difference | 95% interval | p | p (Holm) | significant |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in summary["differences"]:
-        lines.append(f"| {d['a']} - {d['b']} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
-                     f"{d['p']:.3f} | {d['p_holm']:.3f} | {'yes' if d['significant'] else 'no'} |")
+        lines.append(
+            f"| {d['a']} - {d['b']} | {d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
+            f"{d['p']:.3f} | {d['p_holm']:.3f} | {'yes' if d['significant'] else 'no'} |"
+        )
     if not summary["differences"]:
         lines.append("| (no two variants with per-prompt results yet) | | | | | |")
     its = sorted({c["iteration"] for r in summary["variants"] for c in r["curve"]})
-    lines += ["", f"## {metric} per iteration (mean over seeds; minutes since the start in brackets)", "",
-              "| variant | " + " | ".join(f"iter {i}" for i in its) + " |", "|---|" + "---|" * len(its)]
+    lines += [
+        "",
+        f"## {metric} per iteration (mean over seeds; minutes since the start in brackets)",
+        "",
+        "| variant | " + " | ".join(f"iter {i}" for i in its) + " |",
+        "|---|" + "---|" * len(its),
+    ]
     for row in summary["variants"]:
         by = {c["iteration"]: c for c in row["curve"]}
-        lines.append(f"| {row['variant']} | " + " | ".join(
-            f"{by[i]['mean']:.3f} ({by[i]['minutes']:.1f})" if i in by else "-" for i in its) + " |")
-    lines += ["", "## Runs", "", "Process = the run's own wall clock, start-up included (summed over resumes).", "",
-              "| run | state | final | gain | wall (min) | process (min) | folder |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['variant']} | "
+            + " | ".join(f"{by[i]['mean']:.3f} ({by[i]['minutes']:.1f})" if i in by else "-" for i in its)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "Process = the run's own wall clock, start-up included (summed over resumes).",
+        "",
+        "| run | state | final | gain | wall (min) | process (min) | folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["runs"]:
         f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['variant']} seed {r['seed']} | {r['state']} | {f('final', '{:.3f}')} | {f('gain', '{:+.3f}')} | "
-                     f"{f('loop_minutes', '{:.1f}')} | {f('process_minutes', '{:.1f}')} | `{r['variant']}/seed-{r['seed']}` |")
+        lines.append(
+            f"| {r['variant']} seed {r['seed']} | {r['state']} | {f('final', '{:.3f}')} | {f('gain', '{:+.3f}')} | "
+            f"{f('loop_minutes', '{:.1f}')} | {f('process_minutes', '{:.1f}')} | `{r['variant']}/seed-{r['seed']}` |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +311,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         lows = [c["low"] if c["low"] is not None else c["mean"] for c in curve]
         highs = [c["high"] if c["high"] is not None else c["mean"] for c in curve]
         for ax, xs in ((axes[0], [c["iteration"] for c in curve]), (axes[1], [c["minutes"] for c in curve])):
-            line, = ax.plot(xs, ys, marker="o", label=f"{row['variant']} (n={row['n']})")
+            (line,) = ax.plot(xs, ys, marker="o", label=f"{row['variant']} (n={row['n']})")
             ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("minutes (initial eval + iterations + checkpoints)")
@@ -261,8 +332,15 @@ def _log_wandb(study: Study, cfg, summary: dict[str, Any], out: Path, paths: lis
     import wandb
 
     os.environ.pop("WANDB_SERVICE", None)
-    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, group=study.name,
-                     name=f"{study.name}-summary", job_type="study-summary", mode=cfg.logging.wandb_mode, dir=str(out))
+    run = wandb.init(
+        project=cfg.logging.wandb_project,
+        entity=cfg.logging.wandb_entity,
+        group=study.name,
+        name=f"{study.name}-summary",
+        job_type="study-summary",
+        mode=cfg.logging.wandb_mode,
+        dir=str(out),
+    )
     cols = ["variant", "seeds"] + [c for c, _ in COLUMNS]
     table = wandb.Table(columns=cols)
     for row in summary["variants"]:

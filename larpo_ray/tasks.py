@@ -12,13 +12,11 @@ import hashlib
 import math
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Callable, Sequence
 
-INSTRUCTION = (
-    "Answer with a short explanation, then end your reply with the final answer as a single number."
-)
+INSTRUCTION = "Answer with a short explanation, then end your reply with the final answer as a single number."
 
 
 @dataclass(frozen=True)
@@ -33,8 +31,24 @@ class Problem:
 # Question templates
 # ---------------------------------------------------------------------------------------------
 
-NAMES = ("Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lily", "Ravi",
-         "Emma", "Kai", "Sofia", "Ben", "Nora", "Yuki", "Sam", "Priya")
+NAMES = (
+    "Mia",
+    "Leo",
+    "Ava",
+    "Noah",
+    "Zoe",
+    "Omar",
+    "Lily",
+    "Ravi",
+    "Emma",
+    "Kai",
+    "Sofia",
+    "Ben",
+    "Nora",
+    "Yuki",
+    "Sam",
+    "Priya",
+)
 THINGS = ("apples", "marbles", "stickers", "pencils", "cookies", "stamps", "books", "shells")
 FRUIT = ("apples", "strawberries", "cherries", "plums", "lemons", "peaches")
 SNACKS = ("cookies", "candies", "grapes", "crackers", "pretzels")
@@ -76,70 +90,186 @@ class Template:
         return self.render(*picks)
 
 
-def _add(x, y): return dict(x=x, y=y, answer=x + y)
-def _minus(x, y): return dict(x=x, y=y, answer=x - y)
-def _sub(y, d): return dict(x=y + d, y=y, answer=d)  # x = y + d keeps x - y = d >= 1
-def _mul(x, y): return dict(x=x, y=y, answer=x * y)
-def _add_sub(e, y, z): return dict(x=e + z, y=y, z=z, answer=e + y)  # x + y - z with z < x
-def _mul_add(x, y, z): return dict(x=x, y=y, z=z, answer=x * y + z)
-def _mul_sub(x, y, z): return dict(x=x, y=y, z=z, answer=x * y - z)  # ranges keep z < x * y
-def _twice(x, y): return dict(x=x, y=y, answer=2 * x + y)
-def _share(y, z, e): return dict(x=y * z + e, y=y, z=z, answer=e)  # x - y * z = e >= 1
-def _triple(x): return dict(x=x, answer=3 * x)
-def _change(x, y, k): return dict(x=x, y=y, z=50 * (k + 1), answer=50 * (k + 1) - x * y)
+def _add(x, y):
+    return dict(x=x, y=y, answer=x + y)
+
+
+def _minus(x, y):
+    return dict(x=x, y=y, answer=x - y)
+
+
+def _sub(y, d):
+    return dict(x=y + d, y=y, answer=d)  # x = y + d keeps x - y = d >= 1
+
+
+def _mul(x, y):
+    return dict(x=x, y=y, answer=x * y)
+
+
+def _add_sub(e, y, z):
+    return dict(x=e + z, y=y, z=z, answer=e + y)  # x + y - z with z < x
+
+
+def _mul_add(x, y, z):
+    return dict(x=x, y=y, z=z, answer=x * y + z)
+
+
+def _mul_sub(x, y, z):
+    return dict(x=x, y=y, z=z, answer=x * y - z)  # ranges keep z < x * y
+
+
+def _twice(x, y):
+    return dict(x=x, y=y, answer=2 * x + y)
+
+
+def _share(y, z, e):
+    return dict(x=y * z + e, y=y, z=z, answer=e)  # x - y * z = e >= 1
+
+
+def _triple(x):
+    return dict(x=x, answer=3 * x)
+
+
+def _change(x, y, k):
+    return dict(x=x, y=y, z=50 * (k + 1), answer=50 * (k + 1) - x * y)
 
 
 TEMPLATES: dict[int, tuple[Template, ...]] = {
-    1: (Template("What is {x} + {y}?", _add, (R(1, 20), R(1, 20))),
-        Template("What is {x} - {y}?", _minus, (R(1, 20), R(1, 20)))),
+    1: (
+        Template("What is {x} + {y}?", _add, (R(1, 20), R(1, 20))),
+        Template("What is {x} - {y}?", _minus, (R(1, 20), R(1, 20))),
+    ),
     # x >= 20 keeps level 2 disjoint from level 1.
-    2: (Template("What is {x} + {y}?", _add, (R(20, 100), R(10, 100))),
-        Template("What is {x} - {y}?", _minus, (R(20, 100), R(10, 100)))),
-    3: (Template("{name} has {x} {item} and buys {y} more. How many {item} does {name} have now?",
-                 _add, (R(2, 31), R(2, 21)), THINGS),
-        Template("{name} had {x} {item} and gave {y} to a friend. How many {item} does {name} have "
-                 "left?", _sub, (R(2, 16), R(1, 21)), THINGS),
-        Template("There are {x} {item} in a basket. {name} puts in {y} more. How many {item} are "
-                 "in the basket now?", _add, (R(2, 31), R(2, 21)), FRUIT),
-        Template("{name} picked {x} {item} in the morning and {y} in the afternoon. How many "
-                 "{item} did {name} pick in total?", _add, (R(2, 26), R(2, 26)), FRUIT),
-        Template("{name} has {x} boxes with {y} {item} in each box. How many {item} does {name} "
-                 "have?", _mul, (R(2, 10), R(2, 11)), THINGS),
-        Template("{name} had {x} {item} and lost {y} of them. How many {item} does {name} have "
-                 "now?", _sub, (R(2, 16), R(1, 21)), THINGS),
-        Template("{name} reads {x} pages a day. How many pages does {name} read in {y} days?",
-                 _mul, (R(2, 13), R(2, 10))),
-        Template("A bus has {x} passengers. At the next stop, {y} people get off. How many "
-                 "passengers are on the bus now?", _sub, (R(2, 21), R(1, 26))),
-        Template("{name} is {x} years old. How old will {name} be in {y} years?",
-                 _add, (R(5, 41), R(2, 21))),
-        Template("{name} has {x} {item}. {friend} has {y} fewer {item} than {name}. How many "
-                 "{item} does {friend} have?", _sub, (R(1, 13), R(1, 21)), THINGS),
-        Template("{name} buys {x} {item} that cost {y} dollars each. How many dollars does {name} "
-                 "spend?", _mul, (R(2, 10), R(2, 10)), GOODS)),
-    4: (Template("{name} has {x} {item}, buys {y} more, and then gives {z} to a friend. How many "
-                 "{item} does {name} have now?", _add_sub, (R(1, 21), R(2, 16), R(2, 16)), THINGS),
-        Template("{name} buys {x} packs of {item} with {y} in each pack and already had {z}. How "
-                 "many {item} does {name} have now?", _mul_add, (R(2, 7), R(2, 11), R(1, 21)),
-                 THINGS),
-        Template("{name} has {x} {item}. {friend} has {y} more than {name}. How many {item} do "
-                 "they have together?", _twice, (R(2, 31), R(1, 16)), THINGS),
-        Template("{name} buys {x} bags with {y} {item} in each bag and eats {z} of them. How many "
-                 "{item} are left?", _mul_sub, (R(2, 7), R(5, 11), R(1, 10)), SNACKS),
-        Template("{name} had {x} {item} and gave {y} to each of {z} friends. How many {item} does "
-                 "{name} have left?", _share, (R(2, 7), R(2, 6), R(1, 16)), THINGS),
-        Template("{name} collects {x} {item} on Monday and twice as many on Tuesday. How many "
-                 "{item} does {name} collect in total?", _triple, (R(2, 41),), THINGS),
-        Template("{name} buys {x} {item} at {y} dollars each and pays with a {z}-dollar bill. How "
-                 "many dollars of change does {name} get?", _change, (R(2, 6), R(2, 10), R(2)),
-                 GOODS),
-        Template("A theater has {x} rows of {y} seats, and {z} seats are empty. How many seats "
-                 "are taken?", _mul_sub, (R(3, 10), R(4, 13), R(1, 10))),
-        Template("{name} has {x} {item} and {friend} has {y}. They put them together and give "
-                 "away {z}. How many {item} do they have left?", _add_sub,
-                 (R(1, 21), R(2, 21), R(2, 16)), FRUIT),
-        Template("{name} earns {x} dollars a day for {y} days and then spends {z} dollars. How "
-                 "many dollars does {name} have left?", _mul_sub, (R(3, 13), R(2, 8), R(1, 6)))),
+    2: (
+        Template("What is {x} + {y}?", _add, (R(20, 100), R(10, 100))),
+        Template("What is {x} - {y}?", _minus, (R(20, 100), R(10, 100))),
+    ),
+    3: (
+        Template(
+            "{name} has {x} {item} and buys {y} more. How many {item} does {name} have now?",
+            _add,
+            (R(2, 31), R(2, 21)),
+            THINGS,
+        ),
+        Template(
+            "{name} had {x} {item} and gave {y} to a friend. How many {item} does {name} have left?",
+            _sub,
+            (R(2, 16), R(1, 21)),
+            THINGS,
+        ),
+        Template(
+            "There are {x} {item} in a basket. {name} puts in {y} more. How many {item} are in the basket now?",
+            _add,
+            (R(2, 31), R(2, 21)),
+            FRUIT,
+        ),
+        Template(
+            "{name} picked {x} {item} in the morning and {y} in the afternoon. How many "
+            "{item} did {name} pick in total?",
+            _add,
+            (R(2, 26), R(2, 26)),
+            FRUIT,
+        ),
+        Template(
+            "{name} has {x} boxes with {y} {item} in each box. How many {item} does {name} have?",
+            _mul,
+            (R(2, 10), R(2, 11)),
+            THINGS,
+        ),
+        Template(
+            "{name} had {x} {item} and lost {y} of them. How many {item} does {name} have now?",
+            _sub,
+            (R(2, 16), R(1, 21)),
+            THINGS,
+        ),
+        Template(
+            "{name} reads {x} pages a day. How many pages does {name} read in {y} days?", _mul, (R(2, 13), R(2, 10))
+        ),
+        Template(
+            "A bus has {x} passengers. At the next stop, {y} people get off. How many passengers are on the bus now?",
+            _sub,
+            (R(2, 21), R(1, 26)),
+        ),
+        Template("{name} is {x} years old. How old will {name} be in {y} years?", _add, (R(5, 41), R(2, 21))),
+        Template(
+            "{name} has {x} {item}. {friend} has {y} fewer {item} than {name}. How many {item} does {friend} have?",
+            _sub,
+            (R(1, 13), R(1, 21)),
+            THINGS,
+        ),
+        Template(
+            "{name} buys {x} {item} that cost {y} dollars each. How many dollars does {name} spend?",
+            _mul,
+            (R(2, 10), R(2, 10)),
+            GOODS,
+        ),
+    ),
+    4: (
+        Template(
+            "{name} has {x} {item}, buys {y} more, and then gives {z} to a friend. How many "
+            "{item} does {name} have now?",
+            _add_sub,
+            (R(1, 21), R(2, 16), R(2, 16)),
+            THINGS,
+        ),
+        Template(
+            "{name} buys {x} packs of {item} with {y} in each pack and already had {z}. How "
+            "many {item} does {name} have now?",
+            _mul_add,
+            (R(2, 7), R(2, 11), R(1, 21)),
+            THINGS,
+        ),
+        Template(
+            "{name} has {x} {item}. {friend} has {y} more than {name}. How many {item} do they have together?",
+            _twice,
+            (R(2, 31), R(1, 16)),
+            THINGS,
+        ),
+        Template(
+            "{name} buys {x} bags with {y} {item} in each bag and eats {z} of them. How many {item} are left?",
+            _mul_sub,
+            (R(2, 7), R(5, 11), R(1, 10)),
+            SNACKS,
+        ),
+        Template(
+            "{name} had {x} {item} and gave {y} to each of {z} friends. How many {item} does {name} have left?",
+            _share,
+            (R(2, 7), R(2, 6), R(1, 16)),
+            THINGS,
+        ),
+        Template(
+            "{name} collects {x} {item} on Monday and twice as many on Tuesday. How many "
+            "{item} does {name} collect in total?",
+            _triple,
+            (R(2, 41),),
+            THINGS,
+        ),
+        Template(
+            "{name} buys {x} {item} at {y} dollars each and pays with a {z}-dollar bill. How "
+            "many dollars of change does {name} get?",
+            _change,
+            (R(2, 6), R(2, 10), R(2)),
+            GOODS,
+        ),
+        Template(
+            "A theater has {x} rows of {y} seats, and {z} seats are empty. How many seats are taken?",
+            _mul_sub,
+            (R(3, 10), R(4, 13), R(1, 10)),
+        ),
+        Template(
+            "{name} has {x} {item} and {friend} has {y}. They put them together and give "
+            "away {z}. How many {item} do they have left?",
+            _add_sub,
+            (R(1, 21), R(2, 21), R(2, 16)),
+            FRUIT,
+        ),
+        Template(
+            "{name} earns {x} dollars a day for {y} days and then spends {z} dollars. How "
+            "many dollars does {name} have left?",
+            _mul_sub,
+            (R(3, 13), R(2, 8), R(1, 6)),
+        ),
+    ),
 }
 
 
@@ -147,8 +277,8 @@ TEMPLATES: dict[int, tuple[Template, ...]] = {
 # Splits
 # ---------------------------------------------------------------------------------------------
 
-def make_splits(levels: Sequence[int], n_train: int, n_eval: int,
-                seed: int) -> tuple[list[Problem], list[Problem]]:
+
+def make_splits(levels: Sequence[int], n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Fixed (train, eval) splits: disjoint question texts, spread evenly over `levels` (and over
     each level's templates), shuffled. The eval split depends only on (levels, n_eval, seed), so
     runs with different n_train are evaluated on the same questions."""
@@ -161,20 +291,24 @@ def make_splits(levels: Sequence[int], n_train: int, n_eval: int,
     for level, nt, ne in zip(levels, per_train, per_eval):
         cap = sum(t.size for t in TEMPLATES[level])
         if nt + ne > cap:
-            raise ValueError(f"level {level} has at most {cap} distinct questions but the request "
-                             f"needs {nt + ne} ({nt} train + {ne} eval); lower n_train/n_eval or "
-                             f"add levels")
+            raise ValueError(
+                f"level {level} has at most {cap} distinct questions but the request "
+                f"needs {nt + ne} ({nt} train + {ne} eval); lower n_train/n_eval or "
+                f"add levels"
+            )
     # str seeds go through sha512, never hash(), so every process draws the same problems.
     eval_rng = random.Random(f"larpo-tasks/{seed}/eval")
     train_rng = random.Random(f"larpo-tasks/{seed}/train")
     train, held_out = [], []
     for level, nt, ne in zip(levels, per_train, per_eval):
         templates = TEMPLATES[level]
-        eval_idx = [_draw(eval_rng, t.size, k, set())
-                    for t, k in zip(templates, _spread(ne, [t.size for t in templates]))]
+        eval_idx = [
+            _draw(eval_rng, t.size, k, set()) for t, k in zip(templates, _spread(ne, [t.size for t in templates]))
+        ]
         free = [t.size - len(used) for t, used in zip(templates, eval_idx)]
-        train_idx = [_draw(train_rng, t.size, k, set(used))
-                     for t, k, used in zip(templates, _spread(nt, free), eval_idx)]
+        train_idx = [
+            _draw(train_rng, t.size, k, set(used)) for t, k, used in zip(templates, _spread(nt, free), eval_idx)
+        ]
         held_out += [_problem(level, t, i) for t, idx in zip(templates, eval_idx) for i in idx]
         train += [_problem(level, t, i) for t, idx in zip(templates, train_idx) for i in idx]
     eval_rng.shuffle(held_out)
@@ -262,7 +396,7 @@ def parse_final_answer(text: str) -> str | None:
 def _marked_spans(text: str) -> list[str]:
     boxed = [m.group(1) for m in _BOXED.finditer(text)]
     hashes = [m.group(1) for m in _HASHES.finditer(text)]
-    after = [text[m.end():] for m in _MARKER.finditer(text)]
+    after = [text[m.end() :] for m in _MARKER.finditer(text)]
     lines = [next((ln for ln in rest.split("\n") if ln.strip()), "") for rest in after]
     return boxed[::-1] + hashes[::-1] + lines[::-1]
 
@@ -274,7 +408,7 @@ def _numbers(text: str) -> list[tuple[str, bool]]:
     for m in _NUMBER.finditer(text):
         entry = (m.group(), bool(_OPERATOR_AFTER.match(text, m.end())))
         found.append(entry)
-        before = text[max(0, m.start() - 12):m.start()]
+        before = text[max(0, m.start() - 12) : m.start()]
         if m.start() not in enumerators and not _LABEL_BEFORE.search(before):
             plain.append(entry)
     return plain or found  # a reply that is just "23." is an answer, not a list marker
@@ -291,6 +425,7 @@ def _canonical(number: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Rewards and metrics
 # ---------------------------------------------------------------------------------------------
+
 
 def reference_answer(answer: str) -> str:
     """A dataset's reference answer as it is matched: its canonical number when it is one (GSM8K's
@@ -355,8 +490,7 @@ REWARDS: dict[str, Callable[[str, str], float]] = {"binary": binary_reward, "gra
 def accuracy(texts: Sequence[str], answers: Sequence[str]) -> float:
     """Mean binary reward of replies against their answers."""
     if len(texts) != len(answers) or not texts:
-        raise ValueError(f"need equal, non-zero numbers of texts and answers; got "
-                         f"{len(texts)} and {len(answers)}")
+        raise ValueError(f"need equal, non-zero numbers of texts and answers; got {len(texts)} and {len(answers)}")
     return sum(binary_reward(t, a) for t, a in zip(texts, answers)) / len(texts)
 
 
@@ -369,8 +503,7 @@ def pass_at_n(correct_flags_per_prompt: Sequence[Sequence[bool]], n: int) -> flo
     paper's Recall@N analogue.
     """
     if n < 1 or not correct_flags_per_prompt:
-        raise ValueError(f"need n >= 1 and at least one prompt; got n={n}, "
-                         f"{len(correct_flags_per_prompt)} prompts")
+        raise ValueError(f"need n >= 1 and at least one prompt; got n={n}, {len(correct_flags_per_prompt)} prompts")
     scores = []
     for flags in correct_flags_per_prompt:
         total, c = len(flags), sum(bool(f) for f in flags)
@@ -386,7 +519,9 @@ def win_rate(rewards_a: Sequence[float], rewards_b: Sequence[float]) -> float:
     Inputs are finite rewards (ScoredCandidate rewards are); a NaN would count as a loss for both.
     """
     if len(rewards_a) != len(rewards_b) or not rewards_a:
-        raise ValueError(f"win_rate needs two equal, non-empty reward lists (one per prompt); got "
-                         f"{len(rewards_a)} and {len(rewards_b)}")
+        raise ValueError(
+            f"win_rate needs two equal, non-empty reward lists (one per prompt); got "
+            f"{len(rewards_a)} and {len(rewards_b)}"
+        )
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b))
     return wins / len(rewards_a)

@@ -75,9 +75,16 @@ class Runtime(ABC):
         self.weights: tuple[int, object] | None = None  # RayRuntime: what a restarted generator re-loads
 
     @abstractmethod
-    def rollout(self, prompts: Sequence[Prompt], temperatures: list[float], iteration: int,
-                max_new_tokens: int | None = None, on_batch: Callable[[int], None] | None = None,
-                seed: int | None = None, batch_prompts: int | None = None) -> Rollout:
+    def rollout(
+        self,
+        prompts: Sequence[Prompt],
+        temperatures: list[float],
+        iteration: int,
+        max_new_tokens: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        seed: int | None = None,
+        batch_prompts: int | None = None,
+    ) -> Rollout:
         """Generate len(temperatures) candidates per prompt (0.0 = greedy) and score them; with a
         `seed`, candidates depend only on (seed, prompt, slot) (actors.generator.sample_seed).
         Prompts go to the actors in batches of `batch_prompts` (default generation.batch_prompts)."""
@@ -120,15 +127,15 @@ class Runtime(ABC):
 class LocalRuntime(Runtime):
     """Every role in this process, one after the other (no overlap, no fault handling)."""
 
-    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
-                 run: RunStorage | None = None) -> None:
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True, run: RunStorage | None = None) -> None:
         checkpoints = _in(run, "checkpoints")
         super().__init__(cfg, LocalLearnerGroup(policy_path, cfg, checkpoints, run) if with_learner else None)
         self.generator = Generator(policy_path, cfg.generation, cfg.model)
         self.reward = RewardActor(cfg.reward, trust_remote_code=cfg.model.trust_remote_code)
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
-                batch_prompts=None) -> Rollout:
+    def rollout(
+        self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None
+    ) -> Rollout:
         out, by_uid = Rollout(), {p.uid: p for p in prompts}
         for batch in batches(prompts, batch_prompts or self.cfg.generation.batch_prompts):
             cands = self.generator.generate(batch, temperatures, max_new_tokens, seed)
@@ -159,8 +166,7 @@ class RayRuntime(Runtime):
     raised by the work itself (e.g. a prompt too long) is not retried: it stops the rollout.
     """
 
-    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True,
-                 run: RunStorage | None = None) -> None:
+    def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True, run: RunStorage | None = None) -> None:
         import ray
 
         checkpoints, log_dir = _in(run, "checkpoints"), _in(run, "logs")
@@ -184,9 +190,12 @@ class RayRuntime(Runtime):
             cls = ray.remote(self._logged(Generator, role, slot)).options(
                 **plan.actor_options(self.cfg, "generator"),  # CPUs, GPUs, memory, custom resources (plan.py)
                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(self.cfg.generation.cpu_kvcache_gb)}},
-                **restarts)
+                **restarts,
+            )
             return cls.remote(self.policy_path, self.cfg.generation, self.cfg.model)
-        cls = ray.remote(self._logged(RewardActor, role, slot)).options(**plan.actor_options(self.cfg, "reward"), **restarts)
+        cls = ray.remote(self._logged(RewardActor, role, slot)).options(
+            **plan.actor_options(self.cfg, "reward"), **restarts
+        )
         return cls.remote(self.cfg.reward, self.cfg.model.trust_remote_code)
 
     def _logged(self, cls: type, role: str, slot: int) -> type:
@@ -206,8 +215,9 @@ class RayRuntime(Runtime):
         """Where an actor's output goes (for error messages)."""
         return str(log_path(self.log_dir, role, slot)) if self.log_dir else "the Ray worker logs (ray logs)"
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
-                batch_prompts=None) -> Rollout:
+    def rollout(
+        self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None
+    ) -> Rollout:
         work = batches(prompts, batch_prompts or self.cfg.generation.batch_prompts)
         pool = _Dispatcher(self, work, temperatures, iteration, max_new_tokens, seed)
         for b in range(len(work)):
@@ -232,8 +242,10 @@ class RayRuntime(Runtime):
                 reports.append(ray.get(ref, timeout=self.cfg.faults.call_timeout_s))
                 self.stale.discard(i)
             except (RayActorError, GetTimeoutError) as err:
-                warnings.warn(f"generator {i} could not load weights version {version} ({type(err).__name__}); "
-                              f"it will load them before its next batch")
+                warnings.warn(
+                    f"generator {i} could not load weights version {version} ({type(err).__name__}); "
+                    f"it will load them before its next batch"
+                )
                 self.stale.add(i)
         return reports
 
@@ -259,16 +271,22 @@ class RayRuntime(Runtime):
         try:
             reports = self._broadcast(version)
         except WeightSyncFailed as err:
-            warnings.warn(f"{transport} weight sync of version {version} failed ({err}); falling back to "
-                          f"the object store; the group re-opens at the next sync")
+            warnings.warn(
+                f"{transport} weight sync of version {version} failed ({err}); falling back to "
+                f"the object store; the group re-opens at the next sync"
+            )
             self._weight_group = None
             return {**super().sync_weights(version), "fallbacks": 1.0}
         seconds = time.perf_counter() - start
         self.weights = (version, None)
         self.stale.clear()
         n_bytes = float(reports[0]["bytes"])
-        return {"bytes": n_bytes, "seconds": seconds, "fallbacks": 0.0,
-                "gb_per_s": n_bytes * len(reports) / max(seconds, 1e-9) / 1e9}
+        return {
+            "bytes": n_bytes,
+            "seconds": seconds,
+            "fallbacks": 0.0,
+            "gb_per_s": n_bytes * len(reports) / max(seconds, 1e-9) / 1e9,
+        }
 
     def _broadcast(self, version: int) -> list[dict]:
         import ray
@@ -300,8 +318,10 @@ class RayRuntime(Runtime):
             self._weight_meta = self.learner.weight_meta()
         backend, world = self.cfg.generation.weight_transport, len(self.generators) + 1
         addr, port = self.learner.open_weight_group(timeout)
-        joins = [g.join_weight_group.remote(addr, port, i + 1, world, backend, timeout)
-                 for i, g in enumerate(self.generators)]
+        joins = [
+            g.join_weight_group.remote(addr, port, i + 1, world, backend, timeout)
+            for i, g in enumerate(self.generators)
+        ]
         error = self.learner.join_weight_group(world, backend, timeout)  # returns once all joined
         if error:
             raise WeightSyncFailed(f"learner rank 0 could not open the group: {error}")
@@ -323,8 +343,9 @@ class WeightSyncFailed(RuntimeError):
 class _Dispatcher:
     """One rollout's generate and score calls over the runtime's actors, with fault handling."""
 
-    def __init__(self, runtime: RayRuntime, work: list[list[Prompt]], temperatures, iteration,
-                 max_new_tokens, seed) -> None:
+    def __init__(
+        self, runtime: RayRuntime, work: list[list[Prompt]], temperatures, iteration, max_new_tokens, seed
+    ) -> None:
         self.rt, self.work = runtime, work
         self.args = (temperatures, max_new_tokens, seed)
         self.iteration = iteration
@@ -403,8 +424,16 @@ class _Dispatcher:
                 # restarted between calls (no call failed): it held the initial weights
                 self.count("generator_stale_weights")
                 self.rt.stale.add(i)
-                self.retry(role, i, b, cands, RuntimeError(f"generator {i} answered with weights "
-                           f"version {value[0].policy_version}, expected {self.version}"))
+                self.retry(
+                    role,
+                    i,
+                    b,
+                    cands,
+                    RuntimeError(
+                        f"generator {i} answered with weights "
+                        f"version {value[0].policy_version}, expected {self.version}"
+                    ),
+                )
                 continue
             if role == "generator":
                 self.submit("reward", self.pick("reward"), b, value)
@@ -431,8 +460,10 @@ class _Dispatcher:
         for (role, i), since in list(self.busy_since.items()):
             if time.monotonic() - since > limit:
                 self.count(f"{role}_timeouts")
-                warnings.warn(f"{role} actor {i} returned nothing for {limit:.0f} s "
-                              f"(faults.call_timeout_s): killing it for a restart and re-dispatching its work")
+                warnings.warn(
+                    f"{role} actor {i} returned nothing for {limit:.0f} s "
+                    f"(faults.call_timeout_s): killing it for a restart and re-dispatching its work"
+                )
                 ray.kill(self.actors(role)[i], no_restart=False)
                 self.busy_since[(role, i)] = time.monotonic()  # its calls now fail, not time out again
 
@@ -473,10 +504,12 @@ class _Dispatcher:
         """Send batch b's failed call to another actor, unless it has failed max_attempts times."""
         self.attempts[b] += 1
         if self.attempts[b] >= self.rt.cfg.faults.max_attempts:
-            raise RuntimeError(f"prompt batch {b} ({len(self.work[b])} prompts) failed "
-                               f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
-                               f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
-                               f"the actors' logs (last: {self.rt.log_file(role, i)})") from err
+            raise RuntimeError(
+                f"prompt batch {b} ({len(self.work[b])} prompts) failed "
+                f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
+                f"the actors' logs (last: {self.rt.log_file(role, i)})"
+            ) from err
         self.redispatch(role, i, b, cands)
 
     def redispatch(self, role: str, i: int, b: int, cands) -> None:
@@ -509,8 +542,10 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": cfg.logging.console == "all",
-             "logging_level": logging.INFO if cfg.logging.console == "all" else logging.WARNING}
+    quiet = {
+        "log_to_driver": cfg.logging.console == "all",
+        "logging_level": logging.INFO if cfg.logging.console == "all" else logging.WARNING,
+    }
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         print(f"larpo-ray: joining the Ray cluster at {address}", flush=True)
@@ -518,13 +553,22 @@ def init_ray(cfg: Config) -> None:
         return
     recorded = None if address == "local" else _recorded_cluster()
     if recorded is not None:
-        print(f"larpo-ray: joining the Ray cluster running on this machine at {recorded} (started with "
-              f"`ray start`; --resources.ray_address local starts a separate one)", flush=True)
+        print(
+            f"larpo-ray: joining the Ray cluster running on this machine at {recorded} (started with "
+            f"`ray start`; --resources.ray_address local starts a separate one)",
+            flush=True,
+        )
         ray.init(address=recorded, **quiet)
         return
     local = plan.local_node(cfg).capacity
-    ray.init(address="local", num_cpus=int(local.cpus), resources=local.custom or None, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": "larpo_ray.topology.quiet_without_dashboard"}, **quiet)
+    ray.init(
+        address="local",
+        num_cpus=int(local.cpus),
+        resources=local.custom or None,
+        include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": "larpo_ray.topology.quiet_without_dashboard"},
+        **quiet,
+    )
 
 
 def _recorded_cluster() -> str | None:
@@ -541,8 +585,10 @@ def _recorded_cluster() -> str | None:
         with socket.create_connection((host, int(port)), timeout=2.0):
             return address
     except (OSError, ValueError):
-        warnings.warn(f"Ray records a cluster at {address} ({get_ray_address_file(None)}) but nothing answers "
-                      f"there (stopped without `ray stop`?): starting a local Ray instance for this run instead")
+        warnings.warn(
+            f"Ray records a cluster at {address} ({get_ray_address_file(None)}) but nothing answers "
+            f"there (stopped without `ray stop`?): starting a local Ray instance for this run instead"
+        )
         return None
 
 
@@ -557,8 +603,7 @@ def quiet_without_dashboard() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True,
-                  run: RunStorage | None = None) -> Runtime:
+def build_runtime(cfg: Config, policy_path: str, with_learner: bool = True, run: RunStorage | None = None) -> Runtime:
     """The run's roles; `with_learner=False` for evaluation-only runs (generators + scorers).
     `run` is the run folder, resolved once by the driver and handed to every role: the learner
     starts on its newest checkpoint if there is one, and on Ray each actor's output goes to a file

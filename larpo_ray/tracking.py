@@ -36,7 +36,9 @@ TABLE_COLUMNS = (
 class Tracker:
     """Appends metrics to metrics.jsonl and mirrors them to W&B."""
 
-    def __init__(self, cfg: Config, run_dir: Path, wandb_id: str | None = None, storage: RunStorage | None = None) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, wandb_id: str | None = None, storage: RunStorage | None = None
+    ) -> None:
         self.storage = storage  # a run folder on a URI: every file written here is copied there
         self.path = run_dir / "metrics.jsonl"
         self.steps_path = run_dir / "steps.jsonl"  # one line per learner optimizer step
@@ -47,8 +49,13 @@ class Tracker:
     def wandb_id(self) -> str | None:
         return self.wandb.id if self.wandb is not None else None
 
-    def log(self, record: dict[str, Any], step_metrics: list[dict[str, float]] = (), samples: list[dict] = (),
-            eval_rows: list[dict[str, Any]] = ()) -> None:
+    def log(
+        self,
+        record: dict[str, Any],
+        step_metrics: list[dict[str, float]] = (),
+        samples: list[dict] = (),
+        eval_rows: list[dict[str, Any]] = (),
+    ) -> None:
         """One iteration's row (+ its learner steps, W&B samples, and the held-out answers, one
         row per prompt, written to RUN_DIR/eval/iter-N.jsonl when the iteration was evaluated)."""
         record = {k: jsonable(v) for k, v in record.items()}
@@ -61,13 +68,19 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
         with self.steps_path.open("a") as f:
             for step in step_metrics:
-                f.write(json.dumps({"iteration": record["iteration"], **{k: jsonable(v) for k, v in step.items()}}) + "\n")
+                f.write(
+                    json.dumps({"iteration": record["iteration"], **{k: jsonable(v) for k, v in step.items()}}) + "\n"
+                )
         self.records.append(record)
-        self._push("metrics.jsonl", "steps.jsonl", *([f"eval/{self.eval_path(record['iteration']).name}"] if eval_rows else []))
+        self._push(
+            "metrics.jsonl", "steps.jsonl", *([f"eval/{self.eval_path(record['iteration']).name}"] if eval_rows else [])
+        )
         if self.wandb is None:
             return
         for step in step_metrics:
-            self.wandb.log({"learner_step": step["step"], **{f"train_step/{k}": v for k, v in step.items() if k != "step"}})
+            self.wandb.log(
+                {"learner_step": step["step"], **{f"train_step/{k}": v for k, v in step.items() if k != "step"}}
+            )
         payload = dict(record)
         if samples:
             import wandb
@@ -106,14 +119,18 @@ class Tracker:
 
     def table(self) -> str:
         """The per-iteration table printed at the end of a run."""
-        head = " ".join(f"{name:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for name, _, fmt in TABLE_COLUMNS)
+        head = " ".join(
+            f"{name:>{len(fmt.format(0) if 'd' in fmt else fmt.format(0.0))}}" for name, _, fmt in TABLE_COLUMNS
+        )
         rows = [head]
         for rec in self.records:
             cells = []
             for name, key, fmt in TABLE_COLUMNS:
                 width = len(fmt.format(0) if "d" in fmt else fmt.format(0.0))
                 value = rec.get(key)
-                cells.append(fmt.format(value) if isinstance(value, (int, float)) and not _nan(value) else f"{'-':>{width}}")
+                cells.append(
+                    fmt.format(value) if isinstance(value, (int, float)) and not _nan(value) else f"{'-':>{width}}"
+                )
             rows.append(" ".join(cells))
         return "\n".join(rows)
 
@@ -132,12 +149,24 @@ def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None):
     # keeps holding the run id, so `--resume` would fail with "run ID ... is in use".
     os.environ.pop("WANDB_SERVICE", None)
     quiet = cfg.logging.console != "all"
-    run = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
-                     name=cfg.logging.run_name or run_dir.name, group=cfg.logging.wandb_group, mode=cfg.logging.wandb_mode,
-                     dir=str(run_dir), config=cfg.to_dict(), id=wandb_id, resume="allow" if wandb_id else None,
-                     settings=wandb.Settings(silent=quiet))
+    run = wandb.init(
+        project=cfg.logging.wandb_project,
+        entity=cfg.logging.wandb_entity,
+        name=cfg.logging.run_name or run_dir.name,
+        group=cfg.logging.wandb_group,
+        mode=cfg.logging.wandb_mode,
+        dir=str(run_dir),
+        config=cfg.to_dict(),
+        id=wandb_id,
+        resume="allow" if wandb_id else None,
+        settings=wandb.Settings(silent=quiet),
+    )
     if quiet:  # W&B's own banner is a dozen lines; one says what a user needs
-        where = run.url if cfg.logging.wandb_mode == "online" else f"{run.dir.removesuffix('/files')} (offline; upload with: wandb sync {run.dir.removesuffix('/files')})"
+        where = (
+            run.url
+            if cfg.logging.wandb_mode == "online"
+            else f"{run.dir.removesuffix('/files')} (offline; upload with: wandb sync {run.dir.removesuffix('/files')})"
+        )
         print(f"larpo-ray: W&B run {run.id}: {where}", flush=True)
     run.define_metric("iteration")
     run.define_metric("learner_step")

@@ -57,8 +57,11 @@ class TensorMeta:
 
 def meta_of(name: str, tensor: torch.Tensor, shape: Sequence[int] | None = None) -> TensorMeta:
     """`shape`: the full shape where `tensor` is a shard (ZeRO-3's `ds_shape`)."""
-    return TensorMeta(name, tuple(int(d) for d in (tensor.shape if shape is None else shape)),
-                      str(tensor.dtype).removeprefix("torch."))
+    return TensorMeta(
+        name,
+        tuple(int(d) for d in (tensor.shape if shape is None else shape)),
+        str(tensor.dtype).removeprefix("torch."),
+    )
 
 
 def plan_buckets(meta: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
@@ -79,13 +82,15 @@ def plan_buckets(meta: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int
 
 def open_endpoint(timeout_s: float) -> tuple[dist.TCPStore, int]:
     """The sender's rendezvous store on a free port of this host (all interfaces)."""
-    store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        "0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return store, store.port
 
 
-def join(addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
-         store: dist.Store | None = None):
+def join(
+    addr: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float, store: dist.Store | None = None
+):
     """This process's member of the group; blocks until all `world_size` members joined (gloo).
     The sender passes its own store; the others connect to `addr:port`. NCCL uses the current
     CUDA device (set it first)."""
@@ -108,8 +113,13 @@ def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], options).wait()
 
 
-def send(group, meta: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.Tensor]],
-         bucket_bytes: int, device: torch.device | str | None = None) -> int:
+def send(
+    group,
+    meta: Sequence[TensorMeta],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    device: torch.device | str | None = None,
+) -> int:
     """Broadcast `tensors` (name, tensor) in `meta`'s order from rank 0; the bytes sent. The
     buckets are packed on `device` (default: where the tensors are; NCCL needs CUDA).
 
@@ -123,8 +133,10 @@ def send(group, meta: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.T
             name, tensor = next(source, (None, None))
             got = None if tensor is None else meta_of(name, tensor)
             if got != meta[i]:
-                raise ValueError(f"weight {i} to send is {got}, but the receivers expect {meta[i]}: "
-                                 f"the model's parameters changed since the metadata was taken")
+                raise ValueError(
+                    f"weight {i} to send is {got}, but the receivers expect {meta[i]}: "
+                    f"the model's parameters changed since the metadata was taken"
+                )
             part = tensor.detach().reshape(-1)
             parts.append(part if device is None else part.to(device))
         flat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
@@ -137,8 +149,9 @@ def send(group, meta: Sequence[TensorMeta], tensors: Iterable[tuple[str, torch.T
     return sent
 
 
-def receive(group, meta: Sequence[TensorMeta], bucket_bytes: int,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def receive(
+    group, meta: Sequence[TensorMeta], bucket_bytes: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """The tensors rank 0 sends, by name (views into the received buckets)."""
     out: dict[str, torch.Tensor] = {}
     for bucket in plan_buckets(meta, bucket_bytes):
@@ -146,7 +159,7 @@ def receive(group, meta: Sequence[TensorMeta], bucket_bytes: int,
         _broadcast(group, flat)
         offset = 0
         for i in bucket:
-            out[meta[i].name] = flat[offset:offset + meta[i].numel].view(meta[i].shape)
+            out[meta[i].name] = flat[offset : offset + meta[i].numel].view(meta[i].shape)
             offset += meta[i].numel
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

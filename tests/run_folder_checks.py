@@ -30,7 +30,11 @@ def check_run_folder(run_dir: Path, iterations: int, ray_temp: Path | None = Non
     assert [r["iteration"] for r in records] == list(range(iterations + 1))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "steps.jsonl").is_file()
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [
-        "generator-0.log", "learner-rank-0.log", "learner-rank-1.log", "reward-0.log"]
+        "generator-0.log",
+        "learner-rank-0.log",
+        "learner-rank-1.log",
+        "reward-0.log",
+    ]
     assert "Reloading" in (run_dir / "logs" / "generator-0.log").read_text()  # vLLM's own lines land there
     assert list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
     checkpoints = sorted((run_dir / "checkpoints").glob("iter-*"))
@@ -38,7 +42,11 @@ def check_run_folder(run_dir: Path, iterations: int, ray_temp: Path | None = Non
     for ckpt in checkpoints:  # each holds the policy and every rank's optimizer state
         assert (ckpt / "state.json").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
         assert sorted(p.name for p in (ckpt / "learner").iterdir()) == [
-            "rank-0.json", "rank-0.safetensors", "rank-1.json", "rank-1.safetensors"]
+            "rank-0.json",
+            "rank-0.safetensors",
+            "rank-1.json",
+            "rank-1.safetensors",
+        ]
     assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a checkpoint was never committed"
     iteration, reported = last_evaluation(run_dir)
     assert iteration == iterations

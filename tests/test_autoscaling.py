@@ -40,20 +40,39 @@ def cluster_config(gcs_address: str) -> dict:
     return {
         "cluster_name": "larpo-autoscaling-test",
         "max_workers": 3,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
             # Logical CPUs beyond the machine's 2 cores: the simulated nodes share them.
-            WORKER_TYPE: {"resources": {"CPU": 2, RESOURCE: PER_NODE, "object_store_memory": 200 * 2**20},
-                          "node_config": {}, "min_workers": 0, "max_workers": 3},
+            WORKER_TYPE: {
+                "resources": {"CPU": 2, RESOURCE: PER_NODE, "object_store_memory": 200 * 2**20},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 3,
+            },
         },
         "head_node_type": "ray.head.default",
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 10,  # keep added nodes up until the test has counted them
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
@@ -70,11 +89,23 @@ def autoscaling_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="larpo-as-", dir="/tmp")  # short: Ray's socket paths live under it
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-           f"--autoscaling-config={config}", f"--temp-dir={temp_dir}", "--num-cpus=2", "--object-store-memory=200000000",
-           "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--metrics-export-port={free_port()}"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--autoscaling-config={config}",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=2",
+        "--object-store-memory=200000000",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -108,15 +139,40 @@ def test_autoscaler_adds_worker_nodes_and_the_run_completes(autoscaling_cluster,
     address, temp_dir = autoscaling_cluster
     run_dir = tmp_path / "run"
     need = f"{{{RESOURCE}: 1}}"
-    argv = ["--preset", "tiny", "--resources.ray_address", address, "--loop.run_dir", str(run_dir),
-            "--loop.iterations", "1", "--loop.prompts_per_iteration", "8", "--data.num_eval", "4",
-            "--generation.engine", "hf", "--learner.num_workers", "1", "--loop.save_model", "false",
-            "--logging.progress", "false", "--logging.log_samples", "0",
-            "--resources.generator_resources", need, "--resources.reward_resources", need,
-            "--resources.learner_resources_per_worker", need]
+    argv = [
+        "--preset",
+        "tiny",
+        "--resources.ray_address",
+        address,
+        "--loop.run_dir",
+        str(run_dir),
+        "--loop.iterations",
+        "1",
+        "--loop.prompts_per_iteration",
+        "8",
+        "--data.num_eval",
+        "4",
+        "--generation.engine",
+        "hf",
+        "--learner.num_workers",
+        "1",
+        "--loop.save_model",
+        "false",
+        "--logging.progress",
+        "false",
+        "--logging.log_samples",
+        "0",
+        "--resources.generator_resources",
+        need,
+        "--resources.reward_resources",
+        need,
+        "--resources.learner_resources_per_worker",
+        need,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-m", "larpo_ray.run", *argv], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "larpo_ray.run", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     monitor = "".join(p.read_text()[-3000:] for p in temp_dir.glob("session_*/logs/monitor.log"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + "\n--- monitor.log\n" + monitor
 

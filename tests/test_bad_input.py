@@ -37,25 +37,40 @@ def _recipe(tmp_path, name, content: bytes) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("argv, messages", [
-    (["--generation.k", "three"], ["ConfigError: generation.k = 'three' has the wrong type: expected int, got str"]),
-    (["--generation.top_p", "1.5"], ["generation.top_p = 1.5 is not allowed: in (0, 1]"]),
-    (["--learner.zero_stage", "5"], ["learner.zero_stage = 5 is not allowed: 0, 1, 2 or 3"]),
-    (["--loss.name", "listmle", "--lists.rule", "best_worst"], ["keeps only 2 candidates: use lists.rule = top_bottom or all"]),
-    (["--reward.verify_tls", "false", "--reward.ca_bundle", "ca.pem"], ["reward.ca_bundle", "only with reward.verify_tls = true"]),
-])
+@pytest.mark.parametrize(
+    "argv, messages",
+    [
+        (
+            ["--generation.k", "three"],
+            ["ConfigError: generation.k = 'three' has the wrong type: expected int, got str"],
+        ),
+        (["--generation.top_p", "1.5"], ["generation.top_p = 1.5 is not allowed: in (0, 1]"]),
+        (["--learner.zero_stage", "5"], ["learner.zero_stage = 5 is not allowed: 0, 1, 2 or 3"]),
+        (
+            ["--loss.name", "listmle", "--lists.rule", "best_worst"],
+            ["keeps only 2 candidates: use lists.rule = top_bottom or all"],
+        ),
+        (
+            ["--reward.verify_tls", "false", "--reward.ca_bundle", "ca.pem"],
+            ["reward.ca_bundle", "only with reward.verify_tls = true"],
+        ),
+    ],
+)
 def test_bad_config_values_exit_2(tmp_path, capsys, argv, messages):
     err = run_cli(tmp_path, argv, capsys)
     assert all(m in err for m in messages), err
 
 
-@pytest.mark.parametrize("content, messages", [
-    (b"loss: [unclosed\n", ["is not valid YAML", "Fix the syntax"]),
-    (b"\xff\xfe\x00binary\x00", ["is not valid YAML"]),
-    (b"- a list\n- of things\n", ["must hold a mapping of groups"]),
-    (b"generation:\n  k: four\n", ["generation.k = 'four' has the wrong type: expected int"]),
-    (b"generaton:\n  k: 4\n", ["unknown config group 'generaton' (did you mean generation?)"]),
-])
+@pytest.mark.parametrize(
+    "content, messages",
+    [
+        (b"loss: [unclosed\n", ["is not valid YAML", "Fix the syntax"]),
+        (b"\xff\xfe\x00binary\x00", ["is not valid YAML"]),
+        (b"- a list\n- of things\n", ["must hold a mapping of groups"]),
+        (b"generation:\n  k: four\n", ["generation.k = 'four' has the wrong type: expected int"]),
+        (b"generaton:\n  k: 4\n", ["unknown config group 'generaton' (did you mean generation?)"]),
+    ],
+)
 def test_bad_recipe_files_exit_2(tmp_path, capsys, content, messages):
     err = run_cli(tmp_path, ["--config", _recipe(tmp_path, "recipe.yaml", content)], capsys)
     assert all(m in err for m in messages), err
@@ -70,8 +85,16 @@ def test_a_pasted_api_key_is_refused_without_echoing_it(tmp_path, capsys):
 
 
 def _data_argv(path) -> list[str]:
-    return ["--model.name_or_path", "tiny", "--data.source", str(path), "--data.num_eval", "1",
-            "--data.max_prompt_tokens", "64"]
+    return [
+        "--model.name_or_path",
+        "tiny",
+        "--data.source",
+        str(path),
+        "--data.num_eval",
+        "1",
+        "--data.max_prompt_tokens",
+        "64",
+    ]
 
 
 def _jsonl(tmp_path, lines: list[bytes]) -> Path:
@@ -83,17 +106,34 @@ def _jsonl(tmp_path, lines: list[bytes]) -> Path:
 GOOD = [json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}).encode() for i in range(3)]
 
 
-@pytest.mark.parametrize("lines, messages", [
-    (None, ["DataError: data file", "does not exist", "fix data.source"]),
-    ([json.dumps({"question": "q", "solution": 1}).encode()],
-     ["neither a 'prompt' nor a 'messages' column", "columns found: ['question', 'solution']", "Set data.prompt_column"]),
-    ([b""], ["no usable prompts (0 rows read", "give rows with a 'prompt' string"]),
-    ([*GOOD[:2], b'{"prompt": "caf\xe9"}', GOOD[2]],
-     ["line 3: not valid UTF-8", "Fix: re-save the file as UTF-8", "data.skip_bad_rows = true"]),
-    ([*GOOD, json.dumps({"prompt": "word " * 200}).encode()],
-     ["line 4: the prompt is", "over data.max_prompt_tokens = 64", "Fix: shorten it or raise data.max_prompt_tokens"]),
-    ([GOOD[0], b'{"prompt": "unterminated'], ["line 2: not valid JSON", "Fix: write one JSON object per line"]),
-])
+@pytest.mark.parametrize(
+    "lines, messages",
+    [
+        (None, ["DataError: data file", "does not exist", "fix data.source"]),
+        (
+            [json.dumps({"question": "q", "solution": 1}).encode()],
+            [
+                "neither a 'prompt' nor a 'messages' column",
+                "columns found: ['question', 'solution']",
+                "Set data.prompt_column",
+            ],
+        ),
+        ([b""], ["no usable prompts (0 rows read", "give rows with a 'prompt' string"]),
+        (
+            [*GOOD[:2], b'{"prompt": "caf\xe9"}', GOOD[2]],
+            ["line 3: not valid UTF-8", "Fix: re-save the file as UTF-8", "data.skip_bad_rows = true"],
+        ),
+        (
+            [*GOOD, json.dumps({"prompt": "word " * 200}).encode()],
+            [
+                "line 4: the prompt is",
+                "over data.max_prompt_tokens = 64",
+                "Fix: shorten it or raise data.max_prompt_tokens",
+            ],
+        ),
+        ([GOOD[0], b'{"prompt": "unterminated'], ["line 2: not valid JSON", "Fix: write one JSON object per line"]),
+    ],
+)
 def test_bad_data_exits_2_naming_file_row_and_fix(tmp_path, capsys, lines, messages):
     path = tmp_path / "missing.jsonl" if lines is None else _jsonl(tmp_path, lines)
     err = run_cli(tmp_path, _data_argv(path), capsys)
@@ -147,11 +187,16 @@ def test_every_prompt_tied_trains_nothing_and_changes_nothing(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path)
     lists = []
     for i in range(3):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} + 1?"}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} + 1?"}], add_generation_prompt=True, tokenize=False
+        )
         prompt = Prompt(f"p{i}", text, tuple(tokenizer(text, add_special_tokens=False).input_ids))
-        scored = tuple(ScoredCandidate(Candidate(prompt.uid, tuple(tokenizer(f"{i + j}").input_ids), f"{i + j}", (), 1.0, 0),
-                                       0.5, 0) for j in range(3))
+        scored = tuple(
+            ScoredCandidate(
+                Candidate(prompt.uid, tuple(tokenizer(f"{i + j}").input_ids), f"{i + j}", (), 1.0, 0), 0.5, 0
+            )
+            for j in range(3)
+        )
         lists.append(RankedList(prompt, scored, (0.5, 0.5, 0.5)))
     group = LocalLearnerGroup(tiny_model_path, Config.from_dict({"learner": {"num_workers": 1, "prompts_per_step": 2}}))
     try:
@@ -173,12 +218,35 @@ def test_reward_server_down_stops_the_run_naming_the_server_and_the_fix(tmp_path
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/score"
     run = tmp_path / "run"
-    argv = ["--preset", "tiny", "--resources.use_ray", "false", "--generation.engine", "hf", "--learner.num_workers", "1",
-            "--loop.iterations", "1", "--data.num_eval", "2", "--reward.kind", "http", "--reward.url", url,
-            "--reward.max_retries", "0", "--logging.wandb_mode", "disabled", "--logging.progress", "false",
-            "--loop.run_dir", str(run)]
-    proc = subprocess.run([sys.executable, "-m", "larpo_ray.run", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    argv = [
+        "--preset",
+        "tiny",
+        "--resources.use_ray",
+        "false",
+        "--generation.engine",
+        "hf",
+        "--learner.num_workers",
+        "1",
+        "--loop.iterations",
+        "1",
+        "--data.num_eval",
+        "2",
+        "--reward.kind",
+        "http",
+        "--reward.url",
+        url,
+        "--reward.max_retries",
+        "0",
+        "--logging.wandb_mode",
+        "disabled",
+        "--logging.progress",
+        "false",
+        "--loop.run_dir",
+        str(run),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "larpo_ray.run", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode != 0
     for message in (url, "is down or too slow", "connection failed", "reward.timeout_s / reward.max_retries"):
         assert message in proc.stderr, proc.stderr[-3000:]

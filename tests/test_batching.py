@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from larpo_ray import batching
-from larpo_ray.batching import (collate, micro_batches, padded_tokens, sequence_length,
-                                sequence_logps, shard, to_BK)
+from larpo_ray.batching import collate, micro_batches, padded_tokens, sequence_length, sequence_logps, shard, to_BK
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
 
 PAD = 0
@@ -13,8 +12,10 @@ PAD = 0
 
 def ranked(prompt: tuple[int, ...], responses: list[tuple[int, ...]], uid: str = "p") -> RankedList:
     p = Prompt(uid=uid, text="", token_ids=prompt)
-    cands = tuple(ScoredCandidate(Candidate(uid, r, "", (), 1.0, 0), reward=float(-j), iteration=0)
-                  for j, r in enumerate(responses))
+    cands = tuple(
+        ScoredCandidate(Candidate(uid, r, "", (), 1.0, 0), reward=float(-j), iteration=0)
+        for j, r in enumerate(responses)
+    )
     return RankedList(p, cands, tuple(c.reward for c in cands))
 
 
@@ -77,8 +78,7 @@ def test_to_BK_fills_padding_with_zero():
 
 
 def test_micro_batches_respect_budget_and_keep_lists_whole():
-    lists = [ranked(tuple(range(1, 2 + i % 5)), [(1,) * (1 + i % 3)] * (2 + i % 2), str(i))
-             for i in range(23)]
+    lists = [ranked(tuple(range(1, 2 + i % 5)), [(1,) * (1 + i % 3)] * (2 + i % 2), str(i)) for i in range(23)]
     budget = 40
     groups = micro_batches(lists, budget)
     assert sorted(i for g in groups for i in g) == list(range(23))  # each list exactly once

@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_learner_step_smoke(tmp_path):
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_learner_step.py"), "--smoke", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_learner_step.py"), "--smoke", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     result = json.loads(out.read_text())
     assert result["train_tokens_per_s"] > 0 and 0 < result["mfu_vs_measured_peak"] < 1
     assert result["tokens_per_step"] <= result["padded_tokens"]
@@ -22,8 +26,13 @@ def test_gpu_learner_step_smoke(tmp_path):
 def _smoke(script: str, tmp_path) -> dict:
     """Run benchmarks/<script> --smoke and return its JSON (scripts of issue 5, CPU)."""
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["smoke"] and result["machine"]["cpu_cores"] > 0 and result["machine"]["torch_threads"] > 0
@@ -68,8 +77,13 @@ def test_weight_sync_smoke(tmp_path):
 
 def _run_benchmark(script: str, tmp_path, *args: str) -> dict:
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -88,7 +102,9 @@ def test_trl_baseline_smoke_without_trl(tmp_path):
 TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 
 
-@pytest.mark.skipif(not TRL_PYTHON.exists(), reason="no TRL venv at benchmarks/.venv-trl (benchmarks/README.md builds it)")
+@pytest.mark.skipif(
+    not TRL_PYTHON.exists(), reason="no TRL venv at benchmarks/.venv-trl (benchmarks/README.md builds it)"
+)
 def test_trl_baseline_smoke_trl_side(tmp_path):
     """HF generate + TRL DPOTrainer in the TRL venv; TRL's first-step loss equals ours."""
     result = _run_benchmark("trl_baseline.py", tmp_path, "--parts", "trl", "steps")

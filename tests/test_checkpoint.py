@@ -72,11 +72,18 @@ def test_unreadable_state_names_the_fix(tmp_path):
 
 
 def test_state_round_trips_through_json(tmp_path):
-    state = LoopState(iteration=2, initial_rewards={"a": 0.5}, memory={"pool": [1, 2]},
-                      prompt_uids=[["a", "b"], ["c", "d"]], wandb_id="abc123", learner_step=7,
-                      records=[{"iteration": 0, "eval/mean_reward": 0.25}],
-                      steps=[{"iteration": 1, "step": 0.0, "loss": 0.69}],
-                      config=Config().to_dict(), rng=checkpoint.rng_state())
+    state = LoopState(
+        iteration=2,
+        initial_rewards={"a": 0.5},
+        memory={"pool": [1, 2]},
+        prompt_uids=[["a", "b"], ["c", "d"]],
+        wandb_id="abc123",
+        learner_step=7,
+        records=[{"iteration": 0, "eval/mean_reward": 0.25}],
+        steps=[{"iteration": 1, "step": 0.0, "loss": 0.69}],
+        config=Config().to_dict(),
+        rng=checkpoint.rng_state(),
+    )
     tmp = checkpoint.begin(tmp_path, 2)
     checkpoint.commit(tmp_path, tmp, state, keep=1)
     assert checkpoint.read_state(tmp_path / "iter-000002") == state
@@ -100,24 +107,36 @@ def test_resumable_keys_exist():
 
 def test_incompatible_keys_are_named():
     saved = Config().to_dict()
-    new = Config.from_dict({"loss": {"beta": 0.5}, "loop": {"iterations": 9, "run_dir": "x"},
-                            "logging": {"wandb_mode": "disabled"}, "faults": {"max_attempts": 5},
-                            "generation": {"num_generators": 4}}).to_dict()
+    new = Config.from_dict(
+        {
+            "loss": {"beta": 0.5},
+            "loop": {"iterations": 9, "run_dir": "x"},
+            "logging": {"wandb_mode": "disabled"},
+            "faults": {"max_attempts": 5},
+            "generation": {"num_generators": 4},
+        }
+    ).to_dict()
     assert checkpoint.incompatible_keys(saved, new) == ["loss.beta (checkpoint: 0.1, now: 0.5)"]
-    with pytest.raises(ConfigError, match=r"loss\.beta \(checkpoint: 0\.1, now: 0\.5\).*Resume with the run's own config.yaml"):
+    with pytest.raises(
+        ConfigError, match=r"loss\.beta \(checkpoint: 0\.1, now: 0\.5\).*Resume with the run's own config.yaml"
+    ):
         checkpoint.check_compatible(LoopState(config=saved), new, Path("r/iter-000001"))
     # a config written before a knob existed ran with its default: not a difference, unless set
     older = Config().to_dict()
     del older["loss"]["sft_weight"]
     assert checkpoint.incompatible_keys(older, Config().to_dict()) == []
     assert checkpoint.incompatible_keys(older, Config.from_dict({"loss": {"sft_weight": 1.0}}).to_dict()) == [
-        "loss.sft_weight (checkpoint: 0.0, now: 1.0)"]
+        "loss.sft_weight (checkpoint: 0.0, now: 1.0)"
+    ]
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+)
 def test_optimizer_state_round_trip(tmp_path, make):
     """safetensors + JSON (no pickle) restore the optimizer so the next step is identical."""
     torch.manual_seed(0)
@@ -149,9 +168,10 @@ def test_optimizer_state_round_trip(tmp_path, make):
 def test_learner_resume_is_exact(tmp_path, tiny_model_path, zero_stage):
     """Train iteration 0, checkpoint, train iteration 1; a fresh worker resumed from the
     checkpoint trains iteration 1 to the same metrics and weights (optimizer state restored)."""
+    from test_learner import make_cfg, make_lists
+
     from larpo_ray.learner_group import LocalLearnerGroup
     from larpo_ray.models import load_tokenizer
-    from test_learner import make_cfg, make_lists
 
     lists = make_lists(load_tokenizer(tiny_model_path), 8)
     cfg = make_cfg(zero_stage=zero_stage)
@@ -164,7 +184,9 @@ def test_learner_resume_is_exact(tmp_path, tiny_model_path, zero_stage):
     weights = first.get_weights()
 
     resumed = LocalLearnerGroup(tiny_model_path, cfg, checkpoints=str(tmp_path))
-    assert resumed.resumed_from == 1 and resumed.worker.global_step == first.worker.global_step - len(expected.step_metrics)
+    assert resumed.resumed_from == 1 and resumed.worker.global_step == first.worker.global_step - len(
+        expected.step_metrics
+    )
     got = resumed.train(1, lists)
     assert got.step_metrics == expected.step_metrics
     for name, value in resumed.get_weights().items():
@@ -175,8 +197,9 @@ def test_learner_resume_is_exact(tmp_path, tiny_model_path, zero_stage):
 
 
 def test_learner_refuses_a_checkpoint_of_another_shape(tmp_path, tiny_model_path):
-    from larpo_ray.learner_group import LocalLearnerGroup
     from test_learner import make_cfg
+
+    from larpo_ray.learner_group import LocalLearnerGroup
 
     group = LocalLearnerGroup(tiny_model_path, make_cfg(zero_stage=0))
     ckpt = tmp_path / "iter-000001"
@@ -197,10 +220,17 @@ def test_resumed_wandb_run_ignores_a_w_and_b_service_inherited_from_the_parent(t
         "from larpo_ray.tracking import Tracker\n"
         "cfg = Config(); cfg.logging.wandb_mode = 'offline'\n"
         "t = Tracker(cfg, pathlib.Path(sys.argv[1]), wandb_id='abc123')\n"
-        "t.log({'iteration': 0, 'train/loss': 0.5}); t.finish(); print(t.wandb_id)\n")
+        "t.log({'iteration': 0, 'train/loss': 0.5}); t.finish(); print(t.wandb_id)\n"
+    )
     env = dict(os.environ, WANDB_SERVICE="3-1-tcp-localhost-1", WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("abc123")
     assert [p.name.endswith("abc123") for p in (tmp_path / "wandb").glob("offline-run-*")] == [True]

@@ -92,7 +92,11 @@ def _strict(node):
     if not isinstance(node, dict):
         return node
     out = {k: _strict(v) for k, v in node.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -123,7 +127,9 @@ def test_kuberay_validation_rejects_broken_manifests():
     wrong_type["spec"]["enableInTreeAutoscaling"] = "yes"  # boolean in the CRD
     assert any("enableInTreeAutoscaling" in e for e in k8s_errors(wrong_type, "ray.io_rayclusters.yaml"))
     bad_quantity = copy.deepcopy(cluster)
-    bad_quantity["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "four"
+    bad_quantity["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"
+    ] = "four"
     assert k8s_errors(bad_quantity, "ray.io_rayclusters.yaml")
     typo = copy.deepcopy(cluster)
     typo["spec"]["workerGroupSpecs"][0]["maxReplica"] = typo["spec"]["workerGroupSpecs"][0].pop("maxReplicas")

@@ -24,7 +24,9 @@ def test_the_default_lists_adapt_to_fewer_candidates():
 def test_sources_in_order_defaults_yaml_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"loss": {"name": "contrastive", "beta": 0.5}, "generation": {"k": 6}}))
-    cfg = load_config(str(recipe), overrides=["--loss.name", "listmle", "--generation.temperature=0.8,1.0", "--loop.iterations", "2"])
+    cfg = load_config(
+        str(recipe), overrides=["--loss.name", "listmle", "--generation.temperature=0.8,1.0", "--loop.iterations", "2"]
+    )
     assert cfg.loss.name == "listmle"  # override beats YAML
     assert cfg.loss.beta == 0.5  # YAML beats default
     assert cfg.generation.k == 6
@@ -37,18 +39,34 @@ def test_sources_in_order_defaults_yaml_overrides(tmp_path):
     [
         (["--loss.nam", "x"], "unknown key loss.nam (did you mean loss.name?)"),
         (["--los.name", "x"], "unknown config group 'los' (did you mean loss?)"),
-        (["--loss.name", "lismle"], "loss.name = 'lismle' is not allowed: choose one of 'pairwise', 'contrastive', 'lambdarank', 'listmle', 'ipo' (did you mean listmle?)"),
+        (
+            ["--loss.name", "lismle"],
+            "loss.name = 'lismle' is not allowed: choose one of 'pairwise', 'contrastive', 'lambdarank', 'listmle', "
+            "'ipo' (did you mean listmle?)",
+        ),
         (["--generation.k", "three"], "generation.k = 'three' has the wrong type: expected int, got str"),
         (["--learner.lr", "-1"], "learner.lr = -1.0 is not allowed: > 0"),
         (["--generation.top_p", "1.5"], "generation.top_p = 1.5 is not allowed: in (0, 1]"),
-        (["--loss.name", "listmle", "--generation.k", "2"], "loss.name = 'listmle' is listwise and needs lists of >= 3 candidates, but generation.k = 2"),
+        (
+            ["--loss.name", "listmle", "--generation.k", "2"],
+            "loss.name = 'listmle' is listwise and needs lists of >= 3 candidates, but generation.k = 2",
+        ),
         (["--lists.top", "4"], "lists.top = 4 leaves no negative among the 4 candidates"),
-        (["--lists.rule", "correct_incorrect", "--reward.rule", "graded"], "lists.rule = 'correct_incorrect' needs binary rewards"),
-        (["--learner.offload_optimizer", "true"], "learner.offload_optimizer = True is not allowed: needs learner.zero_stage >= 1"),
+        (
+            ["--lists.rule", "correct_incorrect", "--reward.rule", "graded"],
+            "lists.rule = 'correct_incorrect' needs binary rewards",
+        ),
+        (
+            ["--learner.offload_optimizer", "true"],
+            "learner.offload_optimizer = True is not allowed: needs learner.zero_stage >= 1",
+        ),
         (["--reward.kind", "http"], "reward.url = None is not allowed: set it when reward.kind = http"),
         (["--loop.iterations"], "--loop.iterations needs a value"),
         (["loss.name", "x"], "unexpected argument 'loss.name'"),
-        (["--generation.temperature", "0.7,0.8", "--loop.iterations", "1"], "generation.temperature lists 2 values for loop.iterations = 1"),
+        (
+            ["--generation.temperature", "0.7,0.8", "--loop.iterations", "1"],
+            "generation.temperature lists 2 values for loop.iterations = 1",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
@@ -89,7 +107,9 @@ def test_bad_recipe_files(tmp_path):
         load_config(preset="nope")
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if not p.name.startswith("study-")))
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in CONFIGS_DIR.glob("*.yaml") if not p.name.startswith("study-"))
+)
 def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(str(CONFIGS_DIR / recipe))
     assert Config.from_dict(cfg.to_dict()) == cfg  # the resolved config round-trips
@@ -109,14 +129,37 @@ def test_every_shipped_study_plans_valid_runs(study, tmp_path):
 
 def test_paper_recipes_hold_the_papers_settings():
     base = load_config(preset="paper-mistral7b-base-contrastive")
-    assert (base.generation.k, base.generation.temperature, base.loop.iterations, base.learner.lr, base.learner.epochs) == (10, [1.0], 3, 5e-7, 2)
+    assert (
+        base.generation.k,
+        base.generation.temperature,
+        base.loop.iterations,
+        base.learner.lr,
+        base.learner.epochs,
+    ) == (10, [1.0], 3, 5e-7, 2)
     assert (base.lists.top, base.lists.bottom, base.lists.keep_order, base.reward.kind) == (1, 3, False, "model")
     instruct = load_config(preset="paper-mistral7b-instruct-lambdarank")
-    assert (instruct.loss.name, instruct.lists.top, instruct.lists.bottom, instruct.generation.temperature) == ("lambdarank", 2, 2, [0.8])
-    study = {n: load_config(preset=f"paper-study-gemma2-{n}") for n in ("pairwise", "contrastive", "lambdarank", "listmle")}
-    assert {n: c.generation.k for n, c in study.items()} == {"pairwise": 2, "contrastive": 4, "lambdarank": 4, "listmle": 4}
+    assert (instruct.loss.name, instruct.lists.top, instruct.lists.bottom, instruct.generation.temperature) == (
+        "lambdarank",
+        2,
+        2,
+        [0.8],
+    )
+    study = {
+        n: load_config(preset=f"paper-study-gemma2-{n}") for n in ("pairwise", "contrastive", "lambdarank", "listmle")
+    }
+    assert {n: c.generation.k for n, c in study.items()} == {
+        "pairwise": 2,
+        "contrastive": 4,
+        "lambdarank": 4,
+        "listmle": 4,
+    }
     math = load_config(preset="paper-math-mistral7b")
-    assert (math.generation.k, math.lists.rule, math.reward.kind, math.reward.rule) == (20, "correct_incorrect", "rule", "binary")
+    assert (math.generation.k, math.lists.rule, math.reward.kind, math.reward.rule) == (
+        20,
+        "correct_incorrect",
+        "rule",
+        "binary",
+    )
 
 
 def test_saved_config_loads_back(tmp_path):
@@ -134,5 +177,8 @@ def test_help_lists_every_knob_with_doc_and_default():
 
 
 def test_config_import_is_light():
-    code = "import larpo_ray.config, sys; bad = [m for m in ('torch', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    code = (
+        "import larpo_ray.config, sys; "
+        "bad = [m for m in ('torch', 'ray', 'vllm', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -23,12 +23,16 @@ def tok():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(["What is 3 + 4? The answer is 7.", "Tell me a story about a cat.",
-                             "You are a helpful assistant."] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>",
-                                   chat_template=CHATML)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(
+        ["What is 3 + 4? The answer is 7.", "Tell me a story about a cat.", "You are a helpful assistant."] * 20,
+        trainer,
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>", chat_template=CHATML)
 
 
 def cfg(source, **kw):
@@ -73,8 +77,12 @@ def test_builtin_with_the_project_tiny_tokenizer():
     out = load_prompts(DataConfig(num_train=4, num_eval=2), tokenizer)
     assert len(out.train) == 4 and len(out.eval) == 2
     p = out.train[0]
-    assert list(p.token_ids) == tokenizer.apply_chat_template(
-        [{"role": "user", "content": p.messages[0][1]}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        list(p.token_ids)
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": p.messages[0][1]}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def test_jsonl_prompt_column_and_held_out_tail(tmp_path, tok):
@@ -104,7 +112,10 @@ def test_json_list_messages_with_system_prompt(tmp_path, tok):
     out = load_prompts(cfg(path, system_prompt="Be brief."), tok)
     assert out.train[0].messages == (("system", "Be brief."), ("user", "hi"))
     assert out.train[0].answer == "3"
-    assert out.train[0].text == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        out.train[0].text
+        == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert out.train[1].messages == (("system", "own"), ("user", "yo")) and out.train[1].answer is None
     assert out.eval[0].messages == (("system", "Be brief."), ("user", "plain"))
 
@@ -131,7 +142,10 @@ def test_eval_source_and_overlap_removed_from_train(tmp_path, tok):
 
 
 def test_duplicates_dropped_and_counted(tmp_path, tok):
-    rows = prompts_rows(3) + [{"prompt": "question 1?", "answer": 99}, {"messages": [{"role": "user", "content": "question 0?"}]}]
+    rows = prompts_rows(3) + [
+        {"prompt": "question 1?", "answer": 99},
+        {"messages": [{"role": "user", "content": "question 0?"}]},
+    ]
     out = load_prompts(cfg(write_jsonl(tmp_path / "p.jsonl", rows), num_eval=1), tok)
     assert [p.answer for p in out.train] == ["0", "1"]  # the first copy is kept
     assert out.report.train.duplicates == 2
@@ -253,4 +267,10 @@ def test_offline_dataset_name_fails_fast(monkeypatch, tmp_path, tok):
     msg = str(err.value)
     assert "nonexistent-org/nonexistent-dataset" in msg and "local" in msg
     with pytest.raises(DataError, match="split 'test'"):  # name:split picks the split
-        load_prompts(cfg(write_jsonl(tmp_path / "p.jsonl", prompts_rows(2)), eval_source="nonexistent-org/nonexistent-dataset:test"), tok)
+        load_prompts(
+            cfg(
+                write_jsonl(tmp_path / "p.jsonl", prompts_rows(2)),
+                eval_source="nonexistent-org/nonexistent-dataset:test",
+            ),
+            tok,
+        )

@@ -27,7 +27,9 @@ def test_sample_prompts_walks_seeded_permutations_without_repeats():
 
 
 def test_temperatures_follow_the_schedule_or_the_mix():
-    cfg = load_config(overrides=["--generation.temperature", "1.0,0.8", "--loop.iterations", "3", "--generation.k", "4"])
+    cfg = load_config(
+        overrides=["--generation.temperature", "1.0,0.8", "--loop.iterations", "3", "--generation.k", "4"]
+    )
     assert temperatures_for(cfg, 0) == [1.0] * 4
     assert temperatures_for(cfg, 1) == [0.8] * 4
     assert temperatures_for(cfg, 2) == [0.8] * 4  # the last value repeats
@@ -40,13 +42,34 @@ def local_run(tmp_path_factory):
     from larpo_ray.run import start
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(preset="tiny", overrides=[
-        "--resources.use_ray", "false", "--generation.engine", "hf", "--learner.num_workers", "1",
-        "--loop.iterations", "2", "--loop.prompts_per_iteration", "8", "--data.num_eval", "8",
-        "--loop.pass_at_n", "2", "--logging.progress", "false", "--loop.run_dir", str(run_dir)])
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            "--resources.use_ray",
+            "false",
+            "--generation.engine",
+            "hf",
+            "--learner.num_workers",
+            "1",
+            "--loop.iterations",
+            "2",
+            "--loop.prompts_per_iteration",
+            "8",
+            "--data.num_eval",
+            "8",
+            "--loop.pass_at_n",
+            "2",
+            "--logging.progress",
+            "false",
+            "--loop.run_dir",
+            str(run_dir),
+        ],
+    )
     session = start(cfg, run_dir)
     try:
-        records = run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False)
+        records = run_loop(
+            cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False
+        )
         weights = session.runtime.learner.get_weights()
         greedy = session.runtime.rollout(session.splits.eval[:4], [0.0], -1)
     finally:
@@ -60,11 +83,27 @@ def test_loop_records_every_iteration_with_all_phases(local_run):
     assert [r["iteration"] for r in lines] == [0, 1, 2]
     assert lines == records
     for rec in lines[1:]:
-        for key in ("train/loss", "train/reward_accuracy", "eval/mean_reward", "eval/accuracy",
-                    "eval/win_rate_vs_initial", "eval/pass@2", "lists/n_lists", "rollout/tokens_per_s",
-                    "sync/gb_per_s", "sync/bytes", "timing/generate", "timing/lists", "timing/train",
-                    "timing/sync", "timing/eval", "timing/iteration", "rollout/n_scored",
-                    "system/memory_used_gb", "system/driver_rss_gb"):
+        for key in (
+            "train/loss",
+            "train/reward_accuracy",
+            "eval/mean_reward",
+            "eval/accuracy",
+            "eval/win_rate_vs_initial",
+            "eval/pass@2",
+            "lists/n_lists",
+            "rollout/tokens_per_s",
+            "sync/gb_per_s",
+            "sync/bytes",
+            "timing/generate",
+            "timing/lists",
+            "timing/train",
+            "timing/sync",
+            "timing/eval",
+            "timing/iteration",
+            "rollout/n_scored",
+            "system/memory_used_gb",
+            "system/driver_rss_gb",
+        ):
             assert key in rec, key
         assert rec["rollout/n_candidates"] == cfg.loop.prompts_per_iteration * cfg.generation.k
         assert rec["rollout/n_scored"] == rec["rollout/n_candidates"]  # the rule scorer scores all
@@ -88,8 +127,10 @@ def test_generator_serves_the_learners_weights_after_the_loop(local_run):
     by_uid = {c.prompt_uid: c for c in greedy.candidates}
     for prompt in splits.eval[:4]:
         ids = torch.tensor([prompt.token_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=cfg.generation.max_new_tokens)
-        expected = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=cfg.generation.max_new_tokens
+        )
+        expected = out[0, ids.shape[1] :].tolist()
         got = list(by_uid[prompt.uid].token_ids)
         assert got == expected[: len(got)] and len(got) > 0
 
@@ -101,7 +142,9 @@ class _TieRuntime:
     def __init__(self):
         self.calls = []
 
-    def rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None):
+    def rollout(
+        self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None
+    ):
         from larpo_ray.topology import Rollout
         from larpo_ray.types import Candidate, ScoredCandidate
 
@@ -121,14 +164,24 @@ def test_dynamic_sampling_draws_until_m_prompts_can_form_a_pair():
     from larpo_ray.driver import draw_prompts, prompt_stream
 
     train = _prompts(40)
-    cfg = load_config(overrides=["--loop.prompts_per_iteration", "6", "--loop.dynamic_sampling", "true",
-                                 "--loop.max_draw_factor", "3", "--logging.progress", "false"])
+    cfg = load_config(
+        overrides=[
+            "--loop.prompts_per_iteration",
+            "6",
+            "--loop.dynamic_sampling",
+            "true",
+            "--loop.max_draw_factor",
+            "3",
+            "--logging.progress",
+            "false",
+        ]
+    )
     rt = _TieRuntime()
     rollout, drawn, kept, counts = draw_prompts(cfg, rt, train, 5, 0, False)
     stream = [p.uid for p in prompt_stream(train, 5, 40, cfg.loop.seed)]
-    assert [p.uid for p in drawn] == stream[:len(drawn)]  # contiguous from the cursor: resumable
+    assert [p.uid for p in drawn] == stream[: len(drawn)]  # contiguous from the cursor: resumable
     assert len(kept) == 6 and all(int(p.uid[1:]) % 2 for p in kept)  # the first 6 with a pair
-    assert [p.uid for p in kept] == [u for u in stream[:len(drawn)] if int(u[1:]) % 2][:6]
+    assert [p.uid for p in kept] == [u for u in stream[: len(drawn)] if int(u[1:]) % 2][:6]
     assert counts["rollout/prompts_drawn"] == len(drawn) == sum(len(c) for c in rt.calls)
     assert counts["rollout/prompts_tied"] == sum(1 for p in drawn if int(p.uid[1:]) % 2 == 0)
     assert counts["rollout/prompts_unused"] == len(drawn) - counts["rollout/prompts_tied"] - 6

@@ -22,11 +22,22 @@ def ray_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ray-run")
     # Weights go over the gloo transport here (larpo_ray.weight_transport: learner rank 0 ->
     # vLLM generators); the object-store default runs in test_fault_injection and test_run.
-    cfg = load_config(preset="tiny", overrides=["--loop.run_dir", str(run_dir), "--logging.progress", "false",
-                                                "--generation.weight_transport", "gloo"])
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            "--loop.run_dir",
+            str(run_dir),
+            "--logging.progress",
+            "false",
+            "--generation.weight_transport",
+            "gloo",
+        ],
+    )
     session = start(cfg, run_dir)
     try:
-        records = run_loop(cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False)
+        records = run_loop(
+            cfg, session.runtime, session.splits.train, session.splits.eval, session.tracker, progress=False
+        )
         policy = save_final(session.runtime, run_dir)
         greedy = session.runtime.rollout(session.splits.eval[:6], [0.0], -1)
         info = session.runtime.learner.worker_info()
@@ -75,7 +86,8 @@ def test_generators_serve_the_new_weights(ray_run):
     by_uid = {c.prompt_uid: c for c in greedy.candidates}
     for prompt in splits.eval[:6]:
         ids = torch.tensor([prompt.token_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=cfg.generation.max_new_tokens)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=cfg.generation.max_new_tokens
+        )
         got = list(by_uid[prompt.uid].token_ids)
-        assert len(got) > 0 and got == out[0, ids.shape[1]:].tolist()[: len(got)]
+        assert len(got) > 0 and got == out[0, ids.shape[1] :].tolist()[: len(got)]

@@ -29,8 +29,15 @@ def comparable(run_dir: Path) -> list[dict]:
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows.append({k: v for k, v in row.items()
-                     if not k.startswith(("timing/", "sync/", "faults/", "system/")) and "per_s" not in k and "seconds" not in k})
+        rows.append(
+            {
+                k: v
+                for k, v in row.items()
+                if not k.startswith(("timing/", "sync/", "faults/", "system/"))
+                and "per_s" not in k
+                and "seconds" not in k
+            }
+        )
     return rows
 
 
@@ -44,8 +51,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "larpo_ray.run", *args], cwd=ROOT, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "larpo_ray.run", *args], cwd=ROOT, timeout=timeout, capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,12 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_driver_killed_after_iteration_1_then_resumed(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "larpo_ray.run", *BASE, "--loop.run_dir", str(run_dir)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "larpo_ray.run", *BASE, "--loop.run_dir", str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = run_dir / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 900
     while not (latest.exists() and json.loads(latest.read_text())["iteration"] == 1):
@@ -121,8 +133,9 @@ def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monke
 
     rollout = topology.RayRuntime.rollout
 
-    def faulty_rollout(self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None,
-                       batch_prompts=None):
+    def faulty_rollout(
+        self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None
+    ):
         plan = {0: ("generator", self.generators), 1: ("reward", self.rewards)}.get(iteration)
         if plan and not any(k.startswith(plan[0]) for k in killed):
             role, actors = plan
@@ -134,6 +147,7 @@ def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monke
                     kill(pid, f"{role} {pid}")
                 if _inner:
                     _inner(n)
+
         return rollout(self, prompts, temperatures, iteration, max_new_tokens, on_batch, seed, batch_prompts)
 
     train = learner_group.RayLearnerGroup.train

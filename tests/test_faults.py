@@ -57,8 +57,11 @@ class FakeGenerator:
 
     def generate(self, batch, temperatures, max_new_tokens=None, seed=None):
         _act(self.script, "generate")
-        return [Candidate(p.uid, (1, 2), f"{p.uid}/{j}", (-0.5, -0.5), t, self.version)
-                for p in batch for j, t in enumerate(temperatures)]
+        return [
+            Candidate(p.uid, (1, 2), f"{p.uid}/{j}", (-0.5, -0.5), t, self.version)
+            for p in batch
+            for j, t in enumerate(temperatures)
+        ]
 
     def load_weights(self, version, weights) -> dict:
         self.version, self.loads = version, self.loads + 1
@@ -108,9 +111,13 @@ def ray_local():
 
 
 def make(ray_local, plan: dict, actors: int = 2, **faults) -> FakeRuntime:
-    cfg = Config.from_dict({"generation": {"num_generators": actors, "batch_prompts": 2, "k": K},
-                            "reward": {"num_actors": actors},
-                            "faults": {"call_timeout_s": 5.0, "actor_max_restarts": 2, **faults}})
+    cfg = Config.from_dict(
+        {
+            "generation": {"num_generators": actors, "batch_prompts": 2, "k": K},
+            "reward": {"num_actors": actors},
+            "faults": {"call_timeout_s": 5.0, "actor_max_restarts": 2, **faults},
+        }
+    )
     script = ray_local.remote(Script).options(num_cpus=0).remote(plan)
     return FakeRuntime(cfg, script)
 
@@ -196,7 +203,10 @@ def test_actor_out_of_restarts_is_replaced(ray_local):
 def test_batch_that_always_kills_its_actor_stops_with_a_clear_error(ray_local):
     rt = make(ray_local, {"generate": {0: "die"}}, max_attempts=3)
     try:
-        with pytest.raises(RuntimeError, match=r"prompt batch \d+ \(2 prompts\) failed 3 times on generator actors.*faults.max_attempts"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"prompt batch \d+ \(2 prompts\) failed 3 times on generator actors.*faults.max_attempts",
+        ):
             rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
     finally:
         rt.shutdown()

@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from actors.generator import ENGINES, Generator
-from larpo_ray.driver import sample_temperatures
-from larpo_ray.models import read_model_facts
 from larpo_ray.config import GenerationConfig, ModelConfig
-from larpo_ray.models import load_causal_lm, load_tokenizer, resolve_model
+from larpo_ray.driver import sample_temperatures
+from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts, resolve_model
 from larpo_ray.types import Prompt
 
-QUESTIONS = ["What is 3 + 4?", "What is 12 - 5?", "What is 17 + 2?", "What is 9 - 6?",
-             "What is 45 + 38?"]
+QUESTIONS = ["What is 3 + 4?", "What is 12 - 5?", "What is 17 + 2?", "What is 9 - 6?", "What is 45 + 38?"]
 MAX_NEW = 24
 ENGINE_NAMES = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
 
@@ -37,9 +35,18 @@ def model_cfg() -> ModelConfig:
 @pytest.fixture(scope="module")
 def prompts(model_path) -> list[Prompt]:
     tokenizer = load_tokenizer(model_path)
-    return [Prompt(uid=f"q{i}", text=q, token_ids=tuple(tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-        return_dict=False))) for i, q in enumerate(QUESTIONS)]
+    return [
+        Prompt(
+            uid=f"q{i}",
+            text=q,
+            token_ids=tuple(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            ),
+        )
+        for i, q in enumerate(QUESTIONS)
+    ]
 
 
 @pytest.fixture(scope="module", params=ENGINE_NAMES)
@@ -75,9 +82,15 @@ def hf_greedy(model, prompts: list[Prompt], max_new: int = MAX_NEW) -> list[tupl
     for p in prompts:
         ids = torch.tensor([p.token_ids])
         with torch.no_grad():
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos)
-        out.append(tuple(seq[0, ids.shape[1]:].tolist()))
+            seq = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        out.append(tuple(seq[0, ids.shape[1] :].tolist()))
     return out
 
 
@@ -85,7 +98,7 @@ def token_logps(model, prompt: Prompt, response: tuple[int, ...], temperature: f
     """log pi(y_t | x, y_<t) at `temperature` (1 for greedy), teacher-forced."""
     ids = torch.tensor([list(prompt.token_ids) + list(response)])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt.token_ids) - 1:-1].float()
+        logits = model(ids).logits[0, len(prompt.token_ids) - 1 : -1].float()
     logp = torch.log_softmax(logits / (temperature or 1.0), -1)
     return logp.gather(1, torch.tensor(response)[:, None])[:, 0].numpy()
 
@@ -93,8 +106,11 @@ def token_logps(model, prompt: Prompt, response: tuple[int, ...], temperature: f
 def perturbed_state(model, scale: float = 0.05) -> dict[str, np.ndarray]:
     """The learner's full state dict (tied lm_head included) plus noise, as numpy arrays."""
     rng = np.random.default_rng(0)
-    state = {k: v.numpy() + rng.normal(0, scale, v.shape).astype(np.float32)
-             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k: v.numpy() + rng.normal(0, scale, v.shape).astype(np.float32)
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # what a tied learner sends
     return state
 
@@ -133,23 +149,19 @@ def test_max_new_tokens_respected(generator, prompts):
     assert any(c.finish_reason == "length" and len(c.token_ids) == 3 for c in cands)
 
 
-def test_greedy_matches_learner_and_logps_are_raw(generator, prompts, learner_model,
-                                                  learner_greedy):
+def test_greedy_matches_learner_and_logps_are_raw(generator, prompts, learner_model, learner_greedy):
     cands = generator.generate(prompts, [0.0], MAX_NEW)
     assert [c.token_ids for c in cands] == learner_greedy
     for c, p in zip(cands, prompts):  # greedy reports the temperature-1 model distribution
-        np.testing.assert_allclose(c.sample_logps, token_logps(learner_model, p, c.token_ids, 0.0),
-                                   atol=1e-4)
+        np.testing.assert_allclose(c.sample_logps, token_logps(learner_model, p, c.token_ids, 0.0), atol=1e-4)
 
 
 def test_sampling_logps_are_after_temperature(generator, prompts, learner_model):
     for c, p in zip(generator.generate(prompts, [0.7], MAX_NEW), prompts):
-        np.testing.assert_allclose(c.sample_logps, token_logps(learner_model, p, c.token_ids, 0.7),
-                                   atol=1e-4)
+        np.testing.assert_allclose(c.sample_logps, token_logps(learner_model, p, c.token_ids, 0.7), atol=1e-4)
 
 
-def test_weight_load_syncs_to_the_learner(generator, prompts, learner_model, learner_greedy,
-                                          perturbed):
+def test_weight_load_syncs_to_the_learner(generator, prompts, learner_model, learner_greedy, perturbed):
     new_state, expected = perturbed
     assert expected != learner_greedy  # the perturbation changes behaviour: the check has teeth
     try:

@@ -27,11 +27,16 @@ def test_cpu_install_pulled_no_cuda_wheels():
 
 
 def test_engine_stack_matches_the_constraints():
-    pins = dict(line.split("==") for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     installed = _installed()
     for name, version in pins.items():
-        assert installed.get(name.lower(), "").split("+")[0] == version, f"{name}: {installed.get(name.lower())} != {version}"
+        assert installed.get(name.lower(), "").split("+")[0] == version, (
+            f"{name}: {installed.get(name.lower())} != {version}"
+        )
 
 
 def test_pyproject_declares_packages_and_extras():
@@ -52,10 +57,21 @@ def test_torchvision_is_absent_so_transformers_imports():
     subprocess.run([sys.executable, "-c", "import transformers.models.llama"], check=True)
 
 
-@pytest.mark.parametrize("module", ["larpo_ray", "larpo_ray.losses", "larpo_ray.lists", "larpo_ray.tasks",
-                                    "larpo_ray.types", "larpo_ray.config", "actors"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "larpo_ray",
+        "larpo_ray.losses",
+        "larpo_ray.lists",
+        "larpo_ray.tasks",
+        "larpo_ray.types",
+        "larpo_ray.config",
+        "actors",
+    ],
+)
 def test_core_modules_import_without_ray_vllm_deepspeed(module):
-    code = f"import {module}, sys; bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; assert not bad, bad"
+    code = f"import {module}, sys; bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; "
+    code += "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -72,8 +88,13 @@ def test_the_core_does_not_import_the_roles():
         if path.name in WIRING:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "actors"]
     assert not offenders, offenders
 

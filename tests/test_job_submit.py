@@ -63,11 +63,30 @@ def test_ray_job_submit_runs_the_tiny_preset_where_the_console_says(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="larpo-js-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HOME=str(home), RAY_TMPDIR=temp_dir,
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        HOME=str(home),
+        RAY_TMPDIR=temp_dir,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     env.pop("RAY_ADDRESS", None)
-    start = _ray("start", "--head", "--port", "6391", "--dashboard-port", "8276", "--dashboard-agent-listen-port",
-                 "52376", "--num-cpus", "4", "--include-dashboard", "true", "--disable-usage-stats", env=env)
+    start = _ray(
+        "start",
+        "--head",
+        "--port",
+        "6391",
+        "--dashboard-port",
+        "8276",
+        "--dashboard-agent-listen-port",
+        "52376",
+        "--num-cpus",
+        "4",
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+        env=env,
+    )
     assert start.returncode == 0, start.stderr
     run_dir = None
     try:
@@ -75,12 +94,25 @@ def test_ray_job_submit_runs_the_tiny_preset_where_the_console_says(tmp_path):
         run_dir = run_folder_from_console(console)
         assert run_dir.parent == ROOT / "runs"
         check_run_folder(run_dir, 2, Path(temp_dir))
-        _submit(["--", "python", "-m", "larpo_ray.run", "--resume", str(run_dir.relative_to(ROOT)),
-                 "--loop.iterations", "3"], env)
+        _submit(
+            [
+                "--",
+                "python",
+                "-m",
+                "larpo_ray.run",
+                "--resume",
+                str(run_dir.relative_to(ROOT)),
+                "--loop.iterations",
+                "3",
+            ],
+            env,
+        )
         check_run_folder(run_dir, 3, Path(temp_dir))
 
-        console = _submit(["--working-dir", ".", "--", "python", "-m", "larpo_ray.run", "--preset", "tiny",
-                           "--loop.iterations", "1"], env)
+        console = _submit(
+            ["--working-dir", ".", "--", "python", "-m", "larpo_ray.run", "--preset", "tiny", "--loop.iterations", "1"],
+            env,
+        )
         copied = run_folder_from_console(console)
         assert copied.parent == home / "larpo-ray" / "runs" and "Ray's temporary copy" in console
         check_run_folder(copied, 1, Path(temp_dir))

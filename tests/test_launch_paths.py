@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from run_folder_checks import check_run_folder, run_folder_from_console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +65,11 @@ def test_cli_default_run_folder_is_where_the_console_says_and_resumes(tmp_path, 
     check_run_folder(run_dir, 2, ray_temp)
     # resume from another directory, naming the folder relative to it
     relative = os.path.relpath(run_dir, elsewhere)
-    _run([sys.executable, "-m", "larpo_ray.run", "--resume", relative, "--loop.iterations", "3"], elsewhere, _env(ray_temp))
+    _run(
+        [sys.executable, "-m", "larpo_ray.run", "--resume", relative, "--loop.iterations", "3"],
+        elsewhere,
+        _env(ray_temp),
+    )
     check_run_folder(run_dir, 3, ray_temp)
     assert not (elsewhere / "runs").exists()
 
@@ -85,8 +88,14 @@ def test_make_run_tiny_from_the_repo_root(ray_temp):
 
 
 def _ray(*args, env, cwd=ROOT, timeout=300):
-    return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_a_live_local_cluster_is_joined_and_a_dead_one_passed_over(tmp_path, ray_temp):
@@ -99,11 +108,32 @@ def test_a_live_local_cluster_is_joined_and_a_dead_one_passed_over(tmp_path, ray
     with socket.socket() as sock:  # a free port: a fixed one may be held by another Ray on a CI machine
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    start = _ray("start", "--head", "--port", str(port), "--num-cpus", "4", "--include-dashboard", "false",
-                 "--disable-usage-stats", env=env)  # RAY_TMPDIR: under ray_temp/ray
+    start = _ray(
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "4",
+        "--include-dashboard",
+        "false",
+        "--disable-usage-stats",
+        env=env,
+    )  # RAY_TMPDIR: under ray_temp/ray
     assert start.returncode == 0, start.stderr
-    args = [sys.executable, "-m", "larpo_ray.run", "--preset", "tiny", "--loop.iterations", "1",
-            "--data.num_eval", "8", "--logging.wandb_mode", "disabled"]
+    args = [
+        sys.executable,
+        "-m",
+        "larpo_ray.run",
+        "--preset",
+        "tiny",
+        "--loop.iterations",
+        "1",
+        "--data.num_eval",
+        "8",
+        "--logging.wandb_mode",
+        "disabled",
+    ]
     try:
         live = _run(args + ["--loop.run_dir", str(tmp_path / "live")], tmp_path, env)
         assert "larpo-ray: joining the Ray cluster running on this machine at" in live.stdout

@@ -40,8 +40,9 @@ def make_lists(tokenizer, n: int, tied: int = 0) -> list[RankedList]:
     lists = []
     for i in range(n + tied):
         a, b = 3 + i, 11 + 2 * i
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {a} + {b}?"}], add_generation_prompt=True, tokenize=False
+        )
         prompt = Prompt(f"p{i}", text, tuple(tokenizer(text, add_special_tokens=False).input_ids))
         k = 2 + i % 3
         replies = [f"{a} + {b} = {a + b + j}. The answer is {a + b + j}." for j in range(k)]
@@ -49,8 +50,9 @@ def make_lists(tokenizer, n: int, tied: int = 0) -> list[RankedList]:
         for j, reply in enumerate(replies):
             ids = tuple(tokenizer(reply, add_special_tokens=False).input_ids)
             reward = 1.0 if i >= n else float(k - j)
-            scored.append(ScoredCandidate(
-                Candidate(prompt.uid, ids + (tokenizer.eos_token_id,), reply, (), 1.0, 0), reward, 0))
+            scored.append(
+                ScoredCandidate(Candidate(prompt.uid, ids + (tokenizer.eos_token_id,), reply, (), 1.0, 0), reward, 0)
+            )
         lists.append(RankedList(prompt, tuple(scored), tuple(c.reward for c in scored)))
     return lists
 
@@ -85,10 +87,17 @@ def test_in_process_learner_leaves_no_port_for_child_processes(tiny_path):
     with EADDRINUSE on the parent's live port (a CI failure before)."""
     LocalLearnerGroup(tiny_path, make_cfg())
     assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} & set(os.environ)
-    child = ("from actors.learner import init_distributed; import torch.distributed as dist; "
-             "init_distributed(1, 'gloo'); assert dist.get_world_size() == 1")
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    child = (
+        "from actors.learner import init_distributed; import torch.distributed as dist; "
+        "init_distributed(1, 'gloo'); assert dist.get_world_size() == 1"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -100,9 +109,21 @@ def test_training_changes_every_parameter(tiny_path, tokenizer):
     assert result.policy_version == 1 and len(result.step_metrics) == 2
     unchanged = [name for name in before if np.array_equal(before[name], after[name])]
     assert unchanged == []
-    for key in ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward",
-                "n_active", "n_no_pair", "grad_norm", "lr", "tokens", "tokens_per_s",
-                "ref_seconds", "train_seconds"):
+    for key in (
+        "loss",
+        "reward_accuracy",
+        "margin",
+        "chosen_reward",
+        "rejected_reward",
+        "n_active",
+        "n_no_pair",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "ref_seconds",
+        "train_seconds",
+    ):
         assert math.isfinite(result.metrics[key]), key
 
 
@@ -138,9 +159,15 @@ def test_reference_is_the_policy_at_iteration_start(tiny_path, tokenizer):
 
 def test_initial_reference_stays_the_initial_policy(tiny_path, tokenizer):
     lists = make_lists(tokenizer, 4)
-    group = LocalLearnerGroup(tiny_path, Config.from_dict({
-        "learner": {"lr": 1e-3, "epochs": 1, "prompts_per_step": 4, "num_workers": 1},
-        "loss": {"reference": "initial"}}))
+    group = LocalLearnerGroup(
+        tiny_path,
+        Config.from_dict(
+            {
+                "learner": {"lr": 1e-3, "epochs": 1, "prompts_per_step": 4, "num_workers": 1},
+                "loss": {"reference": "initial"},
+            }
+        ),
+    )
     initial = group.worker.policy_logps(lists)
     group.train(0, lists)
     second = group.train(1, lists)
@@ -152,9 +179,12 @@ def test_initial_reference_stays_the_initial_policy(tiny_path, tokenizer):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_trains(tiny_path, tokenizer, name):
-    cfg = Config.from_dict({"learner": {"lr": 1e-3, "epochs": 3, "prompts_per_step": 6,
-                                        "num_workers": 1},
-                            "loss": {"name": name, "ndcg_weights": name == "lambdarank"}})
+    cfg = Config.from_dict(
+        {
+            "learner": {"lr": 1e-3, "epochs": 3, "prompts_per_step": 6, "num_workers": 1},
+            "loss": {"name": name, "ndcg_weights": name == "lambdarank"},
+        }
+    )
     steps = LocalLearnerGroup(tiny_path, cfg).train(0, make_lists(tokenizer, 6)).step_metrics
     assert steps[0]["margin"] == 0.0 and all(math.isfinite(s["loss"]) for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -170,8 +200,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tiny_path, tokeniz
     lists = make_lists(tokenizer, 7, tied=1)
     results, weights = [], []
     for budget in (100_000, 400, 64):
-        group = LocalLearnerGroup(tiny_path, make_cfg(prompts_per_step=8, micro_batch_tokens=budget,
-                                                      max_grad_norm=0.0))
+        group = LocalLearnerGroup(tiny_path, make_cfg(prompts_per_step=8, micro_batch_tokens=budget, max_grad_norm=0.0))
         results.append(group.train(0, lists).step_metrics[0])
         weights.append(group.get_weights())
     for result, weight in zip(results[1:], weights[1:]):
@@ -180,8 +209,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tiny_path, tokeniz
         assert_weights_close(weight, weights[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [{"zero_stage": 1}, {"zero_stage": 3},
-                                     {"gradient_checkpointing": True}])
+@pytest.mark.parametrize("variant", [{"zero_stage": 1}, {"zero_stage": 3}, {"gradient_checkpointing": True}])
 def test_memory_options_give_the_same_training(tiny_path, tokenizer, variant):
     """ZeRO sharding and activation recomputation change memory, not the update."""
     lists = make_lists(tokenizer, 6)
@@ -197,8 +225,9 @@ def test_memory_options_give_the_same_training(tiny_path, tokenizer, variant):
 def test_optimizer_offload_trains(tiny_path, tokenizer):
     """ZeRO-2 with DeepSpeedCPUAdam (JIT-compiled on first use, minutes) follows torch AdamW."""
     lists = make_lists(tokenizer, 6)
-    runs = [LocalLearnerGroup(tiny_path, make_cfg(zero_stage=2, **extra))
-            for extra in ({}, {"offload_optimizer": True})]
+    runs = [
+        LocalLearnerGroup(tiny_path, make_cfg(zero_stage=2, **extra)) for extra in ({}, {"offload_optimizer": True})
+    ]
     steps = [group.train(0, lists).step_metrics for group in runs]
     assert [s["loss"] for s in steps[1]] == pytest.approx([s["loss"] for s in steps[0]], rel=1e-3)
     assert_weights_close(runs[1].get_weights(), runs[0].get_weights(), atol=1e-5, steps=2)
@@ -206,10 +235,12 @@ def test_optimizer_offload_trains(tiny_path, tokenizer):
 
 def test_lr_schedule_within_an_iteration(tiny_path, tokenizer):
     lists = make_lists(tokenizer, 8)
-    for schedule, want in (("constant", [0.5, 1.0, 1.0, 1.0]), ("linear", [0.5, 1.0, 2 / 3, 1 / 3]),
-                           ("cosine", [0.5, 1.0, 0.75, 0.25])):
-        group = LocalLearnerGroup(tiny_path, make_cfg(prompts_per_step=2, schedule=schedule,
-                                                      warmup_steps=1))
+    for schedule, want in (
+        ("constant", [0.5, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 2 / 3, 1 / 3]),
+        ("cosine", [0.5, 1.0, 0.75, 0.25]),
+    ):
+        group = LocalLearnerGroup(tiny_path, make_cfg(prompts_per_step=2, schedule=schedule, warmup_steps=1))
         lrs = [s["lr"] / 1e-3 for s in group.train(0, lists).step_metrics]
         assert lrs == pytest.approx(want), schedule
         assert group.worker.engine.optimizer.param_groups[0]["lr"] == pytest.approx(want[-1] * 1e-3)
@@ -233,7 +264,7 @@ def test_get_weights_load_into_a_fresh_hf_model(tiny_path, tokenizer):
             with torch.no_grad():
                 logits = fresh(input_ids=ids).logits[0, :-1].log_softmax(-1)
             n_prompt = len(lst.prompt.token_ids)
-            got = logits[n_prompt - 1:].gather(1, ids[0, n_prompt:, None]).sum()
+            got = logits[n_prompt - 1 :].gather(1, ids[0, n_prompt:, None]).sum()
             assert float(got) == pytest.approx(logp, abs=1e-4)
 
 
@@ -274,12 +305,12 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
     from larpo_ray.learner_group import RayLearnerGroup
 
     lists = make_lists(tokenizer, 7, tied=1)
-    learner = {"lr": 1e-3, "epochs": 2, "prompts_per_step": 4, "micro_batch_tokens": 64,
-               "zero_stage": zero_stage}
+    learner = {"lr": 1e-3, "epochs": 2, "prompts_per_step": 4, "micro_batch_tokens": 64, "zero_stage": zero_stage}
     start = time.perf_counter()
     # no restarts: the worker's own error (below) must surface at once (restarts: test_fault_injection)
-    group = RayLearnerGroup(tiny_path, Config.from_dict({"learner": {**learner, "num_workers": 2},
-                                                         "faults": {"learner_max_failures": 0}}))
+    group = RayLearnerGroup(
+        tiny_path, Config.from_dict({"learner": {**learner, "num_workers": 2}, "faults": {"learner_max_failures": 0}})
+    )
     print(f"RayLearnerGroup start (ZeRO-{zero_stage}): {time.perf_counter() - start:.1f} s")
     try:
         first = group.worker_info()
@@ -298,9 +329,13 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
             for key in ("loss", "grad_norm", "reward_accuracy", "margin", "tokens"):
                 assert ray_step[key] == pytest.approx(local_step[key], rel=1e-3, abs=1e-5), key
         print(f"ZeRO-{zero_stage} 2 workers: {results[1].metrics['tokens_per_s']:.0f} tok/s")
-        bad = [RankedList(lists[0].prompt, tuple(
-            ScoredCandidate(Candidate("p0", (10**6,), "", (), 1.0, 0), r, 0) for r in (1.0, 0.0)),
-            (1.0, 0.0))]
+        bad = [
+            RankedList(
+                lists[0].prompt,
+                tuple(ScoredCandidate(Candidate("p0", (10**6,), "", (), 1.0, 0), r, 0) for r in (1.0, 0.0)),
+                (1.0, 0.0),
+            )
+        ]
         with pytest.raises(RuntimeError, match="failed during 'train' \\(no restarts left"):
             group.train(2, bad)  # token id outside the vocabulary: the worker's error surfaces
     finally:

@@ -12,8 +12,14 @@ from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
 
 def sc(uid: str, tok: int, reward: float, iteration: int = 0) -> ScoredCandidate:
     """A scored candidate whose response is the single token `tok`."""
-    cand = Candidate(prompt_uid=uid, token_ids=(tok,), text=f"r{tok}", sample_logps=(-0.5,),
-                     temperature=1.0, policy_version=iteration)
+    cand = Candidate(
+        prompt_uid=uid,
+        token_ids=(tok,),
+        text=f"r{tok}",
+        sample_logps=(-0.5,),
+        temperature=1.0,
+        policy_version=iteration,
+    )
     return ScoredCandidate(candidate=cand, reward=reward, iteration=iteration)
 
 
@@ -111,8 +117,7 @@ def test_partition_drops_ties_across_split(rewards, top, bottom, pos, neg):
 
 
 def test_all_tied_or_too_few_gives_no_list_and_is_counted():
-    cands = [sc("tied", t, 0.5) for t in range(4)] + [sc("one", 0, 1.0)] + [sc("ok", 0, 1.0),
-                                                                            sc("ok", 1, 0.0)]
+    cands = [sc("tied", t, 0.5) for t in range(4)] + [sc("one", 0, 1.0)] + [sc("ok", 0, 1.0), sc("ok", 1, 0.0)]
     for rule, kw in [("all", {}), ("top_bottom", {"keep_order": False}), ("best_worst", {})]:
         lists, stats = build(cands, rule, prompts=("tied", "one", "ok", "none"), **kw)
         assert [r.prompt.uid for r in lists] == ["ok"], rule
@@ -126,8 +131,7 @@ def three_iterations(**kw) -> CandidateMemory:
 
 
 @pytest.mark.parametrize(
-    "window, expected",
-    [("current", [20, 21]), ("previous", [20, 21, 10, 11]), ("all", [20, 21, 10, 11, 0, 1])],
+    "window, expected", [("current", [20, 21]), ("previous", [20, 21, 10, 11]), ("all", [20, 21, 10, 11, 0, 1])]
 )
 def test_memory_windows(window, expected):
     assert toks(three_iterations(window=window).pool("p", 2)) == expected
@@ -154,8 +158,7 @@ def test_cap_keeps_newest_then_extremes():
 
 def test_dedup_keeps_newest_copy_and_counts():
     mem = CandidateMemory(window="all")
-    mem.add([sc("p", 7, 0.2, 0), sc("p", 8, 0.0, 0), sc("p", 7, 0.6, 1), sc("p", 9, 0.3, 1),
-             sc("p", 9, 0.3, 1)])
+    mem.add([sc("p", 7, 0.2, 0), sc("p", 8, 0.0, 0), sc("p", 7, 0.6, 1), sc("p", 9, 0.3, 1), sc("p", 9, 0.3, 1)])
     pool = mem.pool("p", 1)
     assert [(toks([c])[0], c.iteration) for c in pool] == [(7, 1), (9, 1), (8, 0)]
     _, stats = mem.build_lists([prompt("p")], 1, "all")

@@ -9,13 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from larpo_ray.losses import (
-    LOSSES,
-    active_prompts,
-    implicit_rewards,
-    lambdarank_loss,
-    strict_pair_mask,
-)
+from larpo_ray.losses import LOSSES, active_prompts, implicit_rewards, lambdarank_loss, strict_pair_mask
 
 NAMES = ["pairwise", "contrastive", "lambdarank", "listmle", "ipo"]
 # Every loss, lambdarank also with its |DeltaNDCG| weights: (name, options).
@@ -93,15 +87,14 @@ def test_lambdarank_ndcg_weights_hand_computed():
     policy = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
     ref = torch.zeros(1, 3, dtype=torch.float64)
     rewards = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
-    loss, _ = lambdarank_loss(policy, ref, rewards, torch.ones(1, 3, dtype=torch.bool), 1.0,
-                              ndcg_weights=True)
+    loss, _ = lambdarank_loss(policy, ref, rewards, torch.ones(1, 3, dtype=torch.bool), 1.0, ndcg_weights=True)
     g = [0.3, -0.2, 0.1]
-    expected = (w01 * softplus(-(g[0] - g[1])) + w02 * softplus(-(g[0] - g[2]))
-                + w21 * softplus(-(g[2] - g[1])))
+    expected = w01 * softplus(-(g[0] - g[1])) + w02 * softplus(-(g[0] - g[2])) + w21 * softplus(-(g[2] - g[1]))
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     # Shifting and scaling the rewards leaves the weights, hence the loss, unchanged.
-    moved, _ = lambdarank_loss(policy, ref, 10 * rewards - 7, torch.ones(1, 3, dtype=torch.bool),
-                               1.0, ndcg_weights=True)
+    moved, _ = lambdarank_loss(
+        policy, ref, 10 * rewards - 7, torch.ones(1, 3, dtype=torch.bool), 1.0, ndcg_weights=True
+    )
     assert moved.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -110,14 +103,22 @@ def test_lambdarank_ndcg_weights_with_ties_share_a_rank():
     # discounts [1, 1/log2(3), 1/log2(3), 1/log2(5)], IDCG = 2 + 2 / log2(3).
     d1, d2, d4 = 1.0, 1 / math.log2(3), 1 / math.log2(5)
     idcg = 2 + 2 * d2
-    weights = {(0, 1): 1 * (d1 - d2), (0, 2): 1 * (d1 - d2), (0, 3): 2 * (d1 - d4),
-               (1, 3): 1 * (d2 - d4), (2, 3): 1 * (d2 - d4)}
+    weights = {
+        (0, 1): 1 * (d1 - d2),
+        (0, 2): 1 * (d1 - d2),
+        (0, 3): 2 * (d1 - d4),
+        (1, 3): 1 * (d2 - d4),
+        (2, 3): 1 * (d2 - d4),
+    }
     g = [0.1, -0.3, 0.2, 0.0]
     expected = sum(w / idcg * softplus(-(g[i] - g[j])) for (i, j), w in weights.items())
     loss, metrics = lambdarank_loss(
-        torch.tensor([g], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64),
+        torch.tensor([g], dtype=torch.float64),
+        torch.zeros(1, 4, dtype=torch.float64),
         torch.tensor([[2.0, 1.0, 1.0, 0.0]], dtype=torch.float64),
-        torch.ones(1, 4, dtype=torch.bool), 1.0, ndcg_weights=True,
+        torch.ones(1, 4, dtype=torch.bool),
+        1.0,
+        ndcg_weights=True,
     )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["n_pairs"] == 5.0
@@ -198,8 +199,7 @@ def test_padding_garbage_changes_neither_loss_nor_gradients(name, options):
     real = [s for s in slots if s != "pad"]
 
     def padded(x_BK, pad_value):
-        columns = [x_BK[:, s] if s != "pad" else torch.full_like(x_BK[:, 0], pad_value)
-                   for s in slots]
+        columns = [x_BK[:, s] if s != "pad" else torch.full_like(x_BK[:, 0], pad_value) for s in slots]
         return torch.stack(columns, dim=1)
 
     policy_p = padded(policy, garbage[0]).requires_grad_()
@@ -238,8 +238,7 @@ def test_all_tied_prompt_gets_no_gradient_and_is_counted(name, options):
 def test_no_active_prompt_gives_zero_loss_with_a_graph(name, options):
     policy, ref, _, mask = random_lists(2, 3, seed=8)
     policy.requires_grad_()
-    loss, metrics = LOSSES[name](policy, ref, torch.ones(2, 3, dtype=torch.float64), mask, 0.5,
-                                 **options)
+    loss, metrics = LOSSES[name](policy, ref, torch.ones(2, 3, dtype=torch.float64), mask, 0.5, **options)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(policy.grad, torch.zeros_like(policy))
     assert metrics["n_no_pair"] == 2.0 and metrics["reward_accuracy"] == 0.0
@@ -267,7 +266,10 @@ def test_tied_candidates_form_no_pair():
     rewards = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
     mask = torch.ones(1, 3, dtype=torch.bool)
     assert strict_pair_mask(rewards, mask)[0].tolist() == [
-        [False, False, True], [False, False, True], [False, False, False]]
+        [False, False, True],
+        [False, False, True],
+        [False, False, False],
+    ]
     # lambdarank: only the pairs (0, 2) and (1, 2).
     loss, metrics = LOSSES["lambdarank"](policy, ref, rewards, mask, 1.0)
     assert loss.item() == pytest.approx(softplus(-(g[0] - g[2])) + softplus(-(g[1] - g[2])))
@@ -291,8 +293,9 @@ def test_listmle_tied_bottom_group_has_no_term():
     g = [0.4, -0.3, 0.1]
     policy = torch.tensor([g], dtype=torch.float64)
     rewards = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64)
-    loss, _ = LOSSES["listmle"](policy, torch.zeros(1, 3, dtype=torch.float64), rewards,
-                                torch.ones(1, 3, dtype=torch.bool), 1.0)
+    loss, _ = LOSSES["listmle"](
+        policy, torch.zeros(1, 3, dtype=torch.float64), rewards, torch.ones(1, 3, dtype=torch.bool), 1.0
+    )
     assert loss.item() == pytest.approx(logsumexp(*g) - g[0])
 
 
@@ -312,8 +315,7 @@ def test_sharded_ranks_reduce_to_the_global_loss(name, options, shards):
     weighted_sum, grad_sum = 0.0, torch.zeros_like(policy)
     for rows, n in zip(bounds, n_active):
         shard = policy[rows].detach().requires_grad_()
-        loss_r, metrics_r = LOSSES[name](shard, ref[rows], rewards[rows], mask[rows], 0.5,
-                                         **options)
+        loss_r, metrics_r = LOSSES[name](shard, ref[rows], rewards[rows], mask[rows], 0.5, **options)
         assert metrics_r["n_active"] == n.item()
         (grad_r,) = torch.autograd.grad(loss_r * n / n_total, shard)  # per-rank backward
         grad_sum[rows] += grad_r
@@ -368,8 +370,10 @@ def test_ndcg_weights_need_finite_rewards():
 
 
 def test_import_is_light():
-    code = ("import larpo_ray.losses, sys; "
-            "assert not any(m.split('.')[0] in ('ray','vllm','deepspeed') for m in sys.modules)")
+    code = (
+        "import larpo_ray.losses, sys; "
+        "assert not any(m.split('.')[0] in ('ray','vllm','deepspeed') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

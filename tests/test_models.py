@@ -23,18 +23,19 @@ def _greedy_ids(model, tokenizer, prompts: list[str], new_tokens: int = 16) -> l
     """Greedy continuations one prompt at a time (no padding, so nothing but weights differ)."""
     out = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
-        out.append(gen[0, ids["input_ids"].shape[1]:].tolist())
+        out.append(gen[0, ids["input_ids"].shape[1] :].tolist())
     return out
 
 
 # ------------------------------------------------------------------------------------------
 # SmolLM2 conversion
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
@@ -53,13 +54,14 @@ def test_smollm2_conversion_matches_gguf(smollm2_dir):
     tokenizer = models.load_tokenizer(smollm2_dir)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
 
-    prompts = ["What is the capital of France?", tasks.format_question(
-        tasks.make_splits([1], n_train=0, n_eval=1, seed=0)[1][0])]
+    prompts = [
+        "What is the capital of France?",
+        tasks.format_question(tasks.make_splits([1], n_train=0, n_eval=1, seed=0)[1][0]),
+    ]
     converted = models.load_causal_lm(smollm2_dir)
     assert converted.lm_head.weight is converted.model.embed_tokens.weight
     gguf_model, gguf_tokenizer = models.load_smollm2_gguf()
-    assert _greedy_ids(converted, tokenizer, prompts) == _greedy_ids(gguf_model, gguf_tokenizer,
-                                                                    prompts)
+    assert _greedy_ids(converted, tokenizer, prompts) == _greedy_ids(gguf_model, gguf_tokenizer, prompts)
 
 
 @pytest.mark.slow  # needs the conversion above
@@ -75,6 +77,7 @@ def test_smollm2_is_converted_once(smollm2_dir, monkeypatch):
 # Tiny model
 # ------------------------------------------------------------------------------------------
 
+
 def test_tiny_model_builds_loads_and_is_cached(cache):
     path = models.build_tiny_model()
     assert path.parent == cache / "models"
@@ -83,8 +86,9 @@ def test_tiny_model_builds_loads_and_is_cached(cache):
     assert model.config.head_dim == 64  # vLLM's CPU attention needs it
     assert model.config.hidden_size // model.config.num_attention_heads == 64
     assert len(tokenizer) == model.config.vocab_size
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer(text).input_ids) == text  # byte-level: lossless
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
@@ -143,8 +147,8 @@ def test_concurrent_builds_build_once(tmp_path):
 # Errors
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "~/missing/model",
-                                  "a/b/c"])
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing-model", "~/missing/model", "a/b/c"])
 def test_missing_path_is_named(name):
     with pytest.raises(ModelError, match="does not exist") as err:
         models.resolve_model(name)
@@ -173,8 +177,11 @@ def test_causal_config_folder_resolves(tmp_path):
 
 
 def test_remote_code_model_needs_trust(tmp_path):
-    config = {"model_type": "my-lm", "architectures": ["MyModel"],
-              "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"}}
+    config = {
+        "model_type": "my-lm",
+        "architectures": ["MyModel"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"},
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").touch()
     with pytest.raises(ModelError, match="model.trust_remote_code = true"):

@@ -22,9 +22,18 @@ def record(it: int, accuracy: bool = True, evaluated: bool = True) -> dict:
         if it:
             rec["eval/win_rate_vs_initial"] = 0.5 + 0.05 * it
     if it:
-        rec |= {"train/loss": 0.69 - 0.05 * it, "train/reward_accuracy": 0.6 + 0.05 * it, "train/steps": 6.0,
-                "lists/n_lists": 20.0 + it, "sync/gb_per_s": 0.3, "timing/generate": 90.0 - it,
-                "timing/lists": 0.01, "timing/train": 110.0 + 5 * it, "timing/sync": 2.0, "timing/iteration": 240.0}
+        rec |= {
+            "train/loss": 0.69 - 0.05 * it,
+            "train/reward_accuracy": 0.6 + 0.05 * it,
+            "train/steps": 6.0,
+            "lists/n_lists": 20.0 + it,
+            "sync/gb_per_s": 0.3,
+            "timing/generate": 90.0 - it,
+            "timing/lists": 0.01,
+            "timing/train": 110.0 + 5 * it,
+            "timing/sync": 2.0,
+            "timing/iteration": 240.0,
+        }
     return rec
 
 
@@ -60,8 +69,12 @@ def test_report_writes_plots_and_summary(tmp_path):
 
 
 def test_missing_metrics_are_skipped_and_listed(tmp_path):
-    records = [record(0, accuracy=False), record(1, accuracy=False), record(2, accuracy=False, evaluated=False),
-               record(3, accuracy=False)]
+    records = [
+        record(0, accuracy=False),
+        record(1, accuracy=False),
+        record(2, accuracy=False, evaluated=False),
+        record(3, accuracy=False),
+    ]
     for rec in records:
         rec.pop("timing/sync", None)
     run_dir = make_run(tmp_path, records)
@@ -123,9 +136,14 @@ def test_loss_per_learner_step_from_the_trackers_steps_file(tmp_path):
 
 
 def test_export_alpacaeval_on_the_tiny_model(tmp_path, tiny_model_path):
-    cfg = Config.from_dict({"model": {"name_or_path": tiny_model_path},
-                            "data": {"levels": [1], "num_eval": 4, "num_train": 8},
-                            "generation": {"max_new_tokens": 8}, "logging": {"wandb_mode": "disabled"}})
+    cfg = Config.from_dict(
+        {
+            "model": {"name_or_path": tiny_model_path},
+            "data": {"levels": [1], "num_eval": 4, "num_train": 8},
+            "generation": {"max_new_tokens": 8},
+            "logging": {"wandb_mode": "disabled"},
+        }
+    )
     run_dir = tmp_path / "tiny-run"
     run_dir.mkdir()
     cfg.save(run_dir / "config.yaml")

@@ -11,24 +11,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from actors.reward import (SCORERS, HTTPScorer, RewardActor, RewardModelScorer, RuleScorer, ScorerError,
-                           make_scorer)
-from larpo_ray.tasks import win_rate
+from actors.reward import SCORERS, HTTPScorer, RewardActor, RewardModelScorer, RuleScorer, ScorerError, make_scorer
 from larpo_ray.config import RewardConfig
+from larpo_ray.tasks import win_rate
 from larpo_ray.types import Candidate, Prompt
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def prompt(uid="p", answer=None, question="What is 12 + 7?") -> Prompt:
-    return Prompt(uid=uid, text=f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
-                  token_ids=(1, 2), messages=(("user", question),), answer=answer)
+    return Prompt(
+        uid=uid,
+        text=f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+        token_ids=(1, 2),
+        messages=(("user", question),),
+        answer=answer,
+    )
 
 
 def cand(text: str, uid="p") -> Candidate:
-    return Candidate(prompt_uid=uid, token_ids=(1,), text=text, sample_logps=(-0.1,), temperature=1.0,
-                     policy_version=0)
+    return Candidate(prompt_uid=uid, token_ids=(1,), text=text, sample_logps=(-0.1,), temperature=1.0, policy_version=0)
 
 
 # ---- rule scorer ---------------------------------------------------------------------------------
@@ -74,13 +79,19 @@ def rm_path(tmp_path_factory):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = ["What is 12 + 7? The answer is 19.", "user assistant system hello world"] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                  chat_template=CHATML)
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>", chat_template=CHATML
+    )
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=96, num_labels=1,
-                        pad_token_id=tok.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=2, n_positions=96, num_labels=1, pad_token_id=tok.pad_token_id
+    )
     path = tmp_path_factory.mktemp("rm")
     GPT2ForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -220,14 +231,17 @@ def test_http_timeout(serve):
     assert time.monotonic() - start < 1.5 and len(server.requests) == 2
 
 
-@pytest.mark.parametrize("payload, problem", [
-    (b"<html>not json</html>", "not JSON"),
-    (b'{"score": [1, 2]}', "expected"),
-    (b"[1, 2]", "expected"),
-    (b'{"scores": [1]}', "1 scores for 2 responses"),
-    (b'{"scores": [1, "x"]}', "non-numeric"),
-    (b'{"scores": [1, true]}', "non-numeric"),
-])
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        (b"<html>not json</html>", "not JSON"),
+        (b'{"score": [1, 2]}', "expected"),
+        (b"[1, 2]", "expected"),
+        (b'{"scores": [1]}', "1 scores for 2 responses"),
+        (b'{"scores": [1, "x"]}', "non-numeric"),
+        (b'{"scores": [1, true]}', "non-numeric"),
+    ],
+)
 def test_http_garbage_raises(serve, payload, problem):
     server = serve(lambda n, body, headers: (200, payload, 0.0))
     with pytest.raises(ScorerError, match=problem) as err:
@@ -261,12 +275,18 @@ def test_http_server_down():
 
 
 def test_make_scorer_http_uses_config():
-    cfg = RewardConfig(kind="http", url="https://rm.example/score", timeout_s=5.0, max_retries=1, verify_tls=False,
-                       batch_size=3)
+    cfg = RewardConfig(
+        kind="http", url="https://rm.example/score", timeout_s=5.0, max_retries=1, verify_tls=False, batch_size=3
+    )
     scorer = make_scorer(cfg)
     assert isinstance(scorer, HTTPScorer)
     assert (scorer.url, scorer.timeout_s, scorer.max_retries, scorer.verify_tls, scorer.batch_size) == (
-        "https://rm.example/score", 5.0, 1, False, 3)
+        "https://rm.example/score",
+        5.0,
+        1,
+        False,
+        3,
+    )
     assert set(SCORERS) == {"rule", "model", "http"}
 
 

@@ -11,12 +11,15 @@ def test_help_lists_the_runbook_and_every_knob(capsys):
     assert "Algorithm as implemented" in out and "--loss.name" in out and "--generation.k" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--loss.nam", "listmle"], "ConfigError: unknown key loss.nam (did you mean loss.name?)"),
-    (["--generation.k", "2", "--loss.name", "lambdarank"], "needs lists of >= 3 candidates"),
-    (["--config", "/nonexistent/recipe.yaml"], "config file '/nonexistent/recipe.yaml' does not exist"),
-    (["--preset", "nope"], "unknown preset 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--loss.nam", "listmle"], "ConfigError: unknown key loss.nam (did you mean loss.name?)"),
+        (["--generation.k", "2", "--loss.name", "lambdarank"], "needs lists of >= 3 candidates"),
+        (["--config", "/nonexistent/recipe.yaml"], "config file '/nonexistent/recipe.yaml' does not exist"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ],
+)
 def test_bad_config_exits_2_before_anything_starts(argv, message, capsys, tmp_path):
     assert main(argv + ["--loop.run_dir", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
@@ -24,8 +27,14 @@ def test_bad_config_exits_2_before_anything_starts(argv, message, capsys, tmp_pa
 
 
 def test_missing_model_exits_2_naming_the_path(capsys, tmp_path):
-    argv = ["--model.name_or_path", str(tmp_path / "no-model"), "--resources.use_ray", "false",
-            "--loop.run_dir", str(tmp_path / "run")]
+    argv = [
+        "--model.name_or_path",
+        str(tmp_path / "no-model"),
+        "--resources.use_ray",
+        "false",
+        "--loop.run_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "ModelError" in err and str(tmp_path / "no-model") in err
@@ -34,8 +43,18 @@ def test_missing_model_exits_2_naming_the_path(capsys, tmp_path):
 def test_bad_data_file_exits_2_naming_the_file(capsys, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
-    argv = ["--model.name_or_path", "tiny", "--resources.use_ray", "false", "--data.source", str(data),
-            "--data.num_eval", "1", "--loop.run_dir", str(tmp_path / "run")]
+    argv = [
+        "--model.name_or_path",
+        "tiny",
+        "--resources.use_ray",
+        "false",
+        "--data.source",
+        str(data),
+        "--data.num_eval",
+        "1",
+        "--loop.run_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "DataError" in err and "prompts.jsonl" in err and "line 2" in err
@@ -74,15 +93,48 @@ def test_a_dataset_with_text_answers_runs_end_to_end(capsys, tmp_path):
     import json
 
     data = tmp_path / "capitals.jsonl"
-    rows = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"), ("Chile", "Santiago"),
-            ("Japan", "Tokyo")]
-    data.write_text("".join(json.dumps({"prompt": f"What is the capital of {c}? What is 3 + 4?", "answer": a}) + "\n"
-                            for c, a in rows))
+    rows = [
+        ("France", "Paris"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Peru", "Lima"),
+        ("Chile", "Santiago"),
+        ("Japan", "Tokyo"),
+    ]
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is the capital of {c}? What is 3 + 4?", "answer": a}) + "\n" for c, a in rows
+        )
+    )
     run = tmp_path / "run"
-    argv = ["--preset", "tiny", "--resources.use_ray", "false", "--generation.engine", "hf",
-            "--learner.num_workers", "1", "--data.source", str(data), "--data.num_train", "4", "--data.num_eval", "2",
-            "--loop.iterations", "1", "--loop.prompts_per_iteration", "4", "--loop.pass_at_n", "2",
-            "--logging.wandb_mode", "disabled", "--logging.progress", "false", "--loop.run_dir", str(run)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--resources.use_ray",
+        "false",
+        "--generation.engine",
+        "hf",
+        "--learner.num_workers",
+        "1",
+        "--data.source",
+        str(data),
+        "--data.num_train",
+        "4",
+        "--data.num_eval",
+        "2",
+        "--loop.iterations",
+        "1",
+        "--loop.prompts_per_iteration",
+        "4",
+        "--loop.pass_at_n",
+        "2",
+        "--logging.wandb_mode",
+        "disabled",
+        "--logging.progress",
+        "false",
+        "--loop.run_dir",
+        str(run),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1]

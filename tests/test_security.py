@@ -71,9 +71,18 @@ def _custom_code_folder(folder: Path, model_type: str = "my-lm") -> Path:
     marker = folder / "RAN"
     for module in ("modeling_my", "configuration_my"):
         (folder / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": model_type, "architectures": ["MyLMForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyLMForCausalLM"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": model_type,
+                "architectures": ["MyLMForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_my.MyConfig",
+                    "AutoModelForCausalLM": "modeling_my.MyLMForCausalLM",
+                },
+            }
+        )
+    )
     (folder / "model.safetensors").touch()
     return folder
 
@@ -95,7 +104,14 @@ def test_cli_refuses_custom_code_with_exit_2(tmp_path, capsys):
     from larpo_ray.run import main
 
     folder = _custom_code_folder(tmp_path / "custom")
-    argv = ["--model.name_or_path", str(folder), "--resources.use_ray", "false", "--loop.run_dir", str(tmp_path / "run")]
+    argv = [
+        "--model.name_or_path",
+        str(folder),
+        "--resources.use_ray",
+        "false",
+        "--loop.run_dir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 2
     assert "model.trust_remote_code = true" in capsys.readouterr().err
     assert not (folder / "RAN").exists()
@@ -107,8 +123,9 @@ def test_auto_map_on_a_builtin_model_type_loads_the_builtin_class(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
-                                 vocab_size=64)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=64)
+    ).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_my.MyLMForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -123,9 +140,26 @@ def test_auto_map_on_a_builtin_model_type_loads_the_builtin_class(tmp_path):
 # Calls that unpickle (or write pickles that something would later have to unpickle). DeepSpeed's
 # engine.save/load_checkpoint write and read optimizer state with torch.save / torch.load
 # (weights_only=False); our own checkpoints (larpo_ray/checkpoint.py) are safetensors + JSON.
-UNPICKLING = {"torch.load", "torch.save", "pickle.load", "pickle.loads", "pickle.Unpickler", "cloudpickle.load",
-              "cloudpickle.loads", "dill.load", "dill.loads", "joblib.load", "pd.read_pickle", "pandas.read_pickle",
-              "marshal.load", "marshal.loads", "shelve.open", "yaml.load", "yaml.unsafe_load", "yaml.full_load"}
+UNPICKLING = {
+    "torch.load",
+    "torch.save",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "pd.read_pickle",
+    "pandas.read_pickle",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+}
 UNPICKLING_METHODS = ("engine.load_checkpoint", "engine.save_checkpoint", "load_state_dict_from_url")
 PICKLE_MODULES = {"pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
 
@@ -141,15 +175,25 @@ def test_no_code_path_unpickles_a_file():
         for node in ast.walk(tree):
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                found += [f"{path.relative_to(ROOT)}:{node.lineno}: import {n}" for n in names if n.split(".")[0] in PICKLE_MODULES]
+                found += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: import {n}"
+                    for n in names
+                    if n.split(".")[0] in PICKLE_MODULES
+                ]
         for name, call in calls(path):
             if name in UNPICKLING or name.endswith(tuple(f".{m}" for m in UNPICKLING_METHODS)):
                 found.append(where(path, call))
-            if name in ("np.load", "numpy.load") and isinstance(keyword(call, "allow_pickle"), ast.Constant) \
-                    and keyword(call, "allow_pickle").value:
+            if (
+                name in ("np.load", "numpy.load")
+                and isinstance(keyword(call, "allow_pickle"), ast.Constant)
+                and keyword(call, "allow_pickle").value
+            ):
                 found.append(where(path, call))
-            if name.endswith("save_pretrained") and isinstance(keyword(call, "safe_serialization"), ast.Constant) \
-                    and not keyword(call, "safe_serialization").value:
+            if (
+                name.endswith("save_pretrained")
+                and isinstance(keyword(call, "safe_serialization"), ast.Constant)
+                and not keyword(call, "safe_serialization").value
+            ):
                 found.append(where(path, call))
     assert not found, f"code that reads or writes pickles: {found}"
 
@@ -161,7 +205,11 @@ def test_weights_load_only_from_safetensors():
     model_loads, missing = 0, []
     for path in PACKAGE_FILES:
         for name, call in calls(path):
-            if name.startswith("AutoModel") and name.endswith(".from_pretrained") and keyword(call, "gguf_file") is None:
+            if (
+                name.startswith("AutoModel")
+                and name.endswith(".from_pretrained")
+                and keyword(call, "gguf_file") is None
+            ):
                 model_loads += 1
                 value = keyword(call, "use_safetensors")
                 if not (isinstance(value, ast.Constant) and value.value is True):
@@ -189,8 +237,14 @@ class _Payload:
 def _pickled_weights_folder(folder: Path) -> Path:
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=64,
-                architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        vocab_size=64,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(folder)
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"payload": _Payload(str(folder / "RAN"))}))
     return folder
 
@@ -216,27 +270,33 @@ def self_signed(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
     pytest.importorskip("cryptography")
     import datetime
+    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    import ipaddress
-
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     out = tmp_path_factory.mktemp("tls")
     (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+    (out / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(out / "cert.pem"), str(out / "key.pem")
 
 
@@ -352,18 +412,45 @@ def test_secrets_never_reach_the_run_folder_or_the_console(tmp_path, monkeypatch
     monkeypatch.setenv("HF_TOKEN", HF_SECRET)
     monkeypatch.setenv("MY_SCORER_KEY", SCORER_SECRET)
     run_dir = tmp_path / "run"
-    argv = ["--preset", "tiny", "--resources.use_ray", "false", "--generation.engine", "hf",
-            "--learner.num_workers", "1", "--loop.iterations", "1", "--loop.prompts_per_iteration", "4",
-            "--data.num_eval", "4", "--reward.kind", "http", "--reward.url", url,
-            "--reward.api_key_env", "MY_SCORER_KEY", "--logging.wandb_mode", "offline",
-            "--logging.progress", "false", "--loop.run_dir", str(run_dir)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--resources.use_ray",
+        "false",
+        "--generation.engine",
+        "hf",
+        "--learner.num_workers",
+        "1",
+        "--loop.iterations",
+        "1",
+        "--loop.prompts_per_iteration",
+        "4",
+        "--data.num_eval",
+        "4",
+        "--reward.kind",
+        "http",
+        "--reward.url",
+        url,
+        "--reward.api_key_env",
+        "MY_SCORER_KEY",
+        "--logging.wandb_mode",
+        "offline",
+        "--logging.progress",
+        "false",
+        "--loop.run_dir",
+        str(run_dir),
+    ]
     assert main(argv) == 0
     assert auth and set(auth) == {f"Bearer {SCORER_SECRET}"}  # the key was used...
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files) and (run_dir / "config.yaml").is_file()
     assert "MY_SCORER_KEY" in (run_dir / "config.yaml").read_text()  # ...the config names it
-    leaks = [f"{p.relative_to(run_dir)} holds {s[:20]}..." for p in files for s in (WANDB_SECRET, SCORER_SECRET, HF_SECRET)
-             if s.encode() in p.read_bytes()]
+    leaks = [
+        f"{p.relative_to(run_dir)} holds {s[:20]}..."
+        for p in files
+        for s in (WANDB_SECRET, SCORER_SECRET, HF_SECRET)
+        if s.encode() in p.read_bytes()
+    ]
     assert not leaks, leaks
     console = capfd.readouterr()
     assert not [s for s in (WANDB_SECRET, SCORER_SECRET, HF_SECRET) if s in console.out + console.err]

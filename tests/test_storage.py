@@ -111,8 +111,14 @@ def test_a_run_on_s3_writes_everything_there_resumes_from_there_and_reports(s3, 
     env.pop("RAY_ADDRESS", None)
     uri = f"s3://runs/tiny/run-1?{s3}"
     run = [sys.executable, "-m", "larpo_ray.run"]
-    first = subprocess.run(run + ["--preset", "tiny", "--loop.run_dir", uri], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=1200)
+    first = subprocess.run(
+        run + ["--preset", "tiny", "--loop.run_dir", uri],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "larpo-ray: run folder s3://runs/tiny/run-1 (staged on this node in" in first.stdout
     assert "python -m larpo_ray.report s3://runs/tiny/run-1" in first.stdout
@@ -127,13 +133,23 @@ def test_a_run_on_s3_writes_everything_there_resumes_from_there_and_reports(s3, 
         ckpt = local / "checkpoints" / f"iter-00000{it}"
         assert (ckpt / "state.json").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
         assert sorted(p.name for p in (ckpt / "learner").iterdir()) == [
-            "rank-0.json", "rank-0.safetensors", "rank-1.json", "rank-1.safetensors"]
+            "rank-0.json",
+            "rank-0.safetensors",
+            "rank-1.json",
+            "rank-1.safetensors",
+        ]
     assert (local / "policy" / "model.safetensors").is_file() and list((local / "wandb").glob("offline-run-*/*.wandb"))
     assert (local / "logs" / "generator-0.log").stat().st_size > 0
 
     shutil.rmtree(tmp_path / "staging")  # another machine: nothing of the run on its disk
-    again = subprocess.run(run + ["--resume", uri, "--loop.iterations", "3"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=1200)
+    again = subprocess.run(
+        run + ["--resume", uri, "--loop.iterations", "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming s3://runs/tiny/run-1 after iteration 2" in again.stdout
     assert st.pull("metrics.jsonl") and st.pull("checkpoints")
@@ -141,7 +157,13 @@ def test_a_run_on_s3_writes_everything_there_resumes_from_there_and_reports(s3, 
     assert st.listdir("checkpoints") == ["iter-000002", "iter-000003", "latest.json"]  # keep_checkpoints = 2
     assert (local / "checkpoints" / "iter-000003" / "learner" / "rank-1.safetensors").is_file()
 
-    report = subprocess.run([sys.executable, "-m", "larpo_ray.report", uri], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    report = subprocess.run(
+        [sys.executable, "-m", "larpo_ray.report", uri],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert report.returncode == 0, report.stderr
     assert "report" in st.listdir(".") and "summary.md" in st.listdir("report")

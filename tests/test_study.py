@@ -42,8 +42,14 @@ def _write(tmp_path: Path, text: str, name: str = "study.yaml") -> str:
 def test_a_study_file_plans_every_variant_and_seed_with_the_right_precedence(tmp_path):
     study = load_study(_write(tmp_path, STUDY))
     runs = plan_runs(study, tmp_path / "out", ["--learner.epochs", "3", "--learner.lr", "3e-5"])
-    assert [(r.variant, r.seed) for r in runs] == [("pairwise", 0), ("listmle", 0), ("pairwise", 1),
-                                                   ("listmle", 1), ("pairwise", 2), ("listmle", 2)]
+    assert [(r.variant, r.seed) for r in runs] == [
+        ("pairwise", 0),
+        ("listmle", 0),
+        ("pairwise", 1),
+        ("listmle", 1),
+        ("pairwise", 2),
+        ("listmle", 2),
+    ]
     pw, lm = runs[0].config, runs[3].config
     assert pw.model.name_or_path == "tiny"  # the recipe
     assert pw.loop.iterations == 2  # study overrides beat the recipe
@@ -60,17 +66,20 @@ def test_a_study_file_plans_every_variant_and_seed_with_the_right_precedence(tmp
     assert again.to_dict() == lm.to_dict()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\nvariants: {}\n", "needs 'variants:'"),
-    ("name: x\nvarients: {a: {}}\n", "unknown key 'varients' (did you mean variants?)"),
-    ("name: x\nseeds: 3\nvariants: {a: {}}\n", "seeds = 3 must be a non-empty list of integers"),
-    ("name: x\nseeds: [1, 1]\nvariants: {a: {}}\n", "repeats a seed"),
-    ("name: x\nbaseline: b\nvariants: {a: {}}\n", "baseline = 'b' is not a variant"),
-    ("name: x\nvariants: {a: {overides: {}}}\n", "variant 'a': unknown key 'overides' (did you mean overrides?)"),
-    ("name: x\nvariants: {a: {overrides: {lr: 1}}}\n", "overrides must map dotted keys"),
-    ("name: x\nvariants: {'a b': {}}\n", "variant name 'a b' must be letters"),
-    ("name: x\nvariants: [a, b]\n", "needs 'variants:'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nvariants: {}\n", "needs 'variants:'"),
+        ("name: x\nvarients: {a: {}}\n", "unknown key 'varients' (did you mean variants?)"),
+        ("name: x\nseeds: 3\nvariants: {a: {}}\n", "seeds = 3 must be a non-empty list of integers"),
+        ("name: x\nseeds: [1, 1]\nvariants: {a: {}}\n", "repeats a seed"),
+        ("name: x\nbaseline: b\nvariants: {a: {}}\n", "baseline = 'b' is not a variant"),
+        ("name: x\nvariants: {a: {overides: {}}}\n", "variant 'a': unknown key 'overides' (did you mean overrides?)"),
+        ("name: x\nvariants: {a: {overrides: {lr: 1}}}\n", "overrides must map dotted keys"),
+        ("name: x\nvariants: {'a b': {}}\n", "variant name 'a b' must be letters"),
+        ("name: x\nvariants: [a, b]\n", "needs 'variants:'"),
+    ],
+)
 def test_bad_study_files_are_refused_naming_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_study(_write(tmp_path, text))
@@ -78,7 +87,9 @@ def test_bad_study_files_are_refused_naming_the_problem(tmp_path, text, message)
 
 
 def test_a_variant_whose_config_cannot_run_is_refused_before_any_run(tmp_path):
-    study = load_study(_write(tmp_path, "name: x\nvariants:\n  ok: {}\n  bad: {overrides: {loss.name: listmle, generation.k: 2}}\n"))
+    study = load_study(
+        _write(tmp_path, "name: x\nvariants:\n  ok: {}\n  bad: {overrides: {loss.name: listmle, generation.k: 2}}\n")
+    )
     with pytest.raises(ConfigError, match="variant 'bad' seed 0: loss.name = 'listmle' is listwise"):
         plan_runs(study, tmp_path / "out", [])
     with pytest.raises(ConfigError, match="variant 'ok' seed 0: unknown key loss.nam"):
@@ -100,13 +111,21 @@ def test_dry_run_lists_the_runs_and_starts_nothing(tmp_path, capsys):
     assert study_mod.main([path, "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "6 runs" in out and "(dry run: nothing started)" in out
-    assert re.search(r"listmle seed 2 +new +--config configs/tiny.yaml", out) and "--loss.name listmle --lists.rule all" in out
+    assert (
+        re.search(r"listmle seed 2 +new +--config configs/tiny.yaml", out)
+        and "--loss.name listmle --lists.rule all" in out
+    )
     assert "--loop.seed 2 --generation.seed 2" in out
     assert not (tmp_path / "o").exists()
 
 
-def _fake_run(run_dir: Path, iterations: int, accuracy: list[float], correct: list[list[int]] | None = None,
-              config: dict | None = None) -> None:
+def _fake_run(
+    run_dir: Path,
+    iterations: int,
+    accuracy: list[float],
+    correct: list[list[int]] | None = None,
+    config: dict | None = None,
+) -> None:
     """A run folder as larpo_ray.run leaves it: config.yaml, metrics.jsonl, eval/iter-N.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config("configs/tiny.yaml" if config is None else None, None, ["--loop.iterations", str(iterations)])
@@ -117,13 +136,24 @@ def _fake_run(run_dir: Path, iterations: int, accuracy: list[float], correct: li
         if i == 0:
             rec["timing/eval"] = 30.0
         else:
-            rec.update({"eval/win_rate_vs_initial": 0.5 + acc / 4, "train/reward_accuracy": 0.7,
-                        "lists/n_lists": 10.0, "rollout/tokens": 1000.0, "train/tokens": 500.0,
-                        "timing/iteration": 60.0, "timing/checkpoint": 6.0})
+            rec.update(
+                {
+                    "eval/win_rate_vs_initial": 0.5 + acc / 4,
+                    "train/reward_accuracy": 0.7,
+                    "lists/n_lists": 10.0,
+                    "rollout/tokens": 1000.0,
+                    "train/tokens": 500.0,
+                    "timing/iteration": 60.0,
+                    "timing/checkpoint": 6.0,
+                }
+            )
         lines.append(json.dumps(rec))
         if correct is not None and i < len(correct):
             (run_dir / "eval").mkdir(exist_ok=True)
-            rows = [{"uid": f"u{j}", "reward": float(c), "correct": float(c), "response": "x"} for j, c in enumerate(correct[i])]
+            rows = [
+                {"uid": f"u{j}", "reward": float(c), "correct": float(c), "response": "x"}
+                for j, c in enumerate(correct[i])
+            ]
             (run_dir / "eval" / f"iter-{i:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -184,8 +214,10 @@ def test_runner_skips_finished_runs_resumes_partial_ones_and_goes_on_after_a_fai
     runs = plan_runs(study, out, [])
     status = run_all(runs, out, echo=lines.append)
     assert {k: v["state"] for k, v in status.items()} == {
-        **{f"pairwise/seed-{s}": "done" for s in (0, 1, 2)}, **{f"listmle/seed-{s}": "done" for s in (0, 1, 2)},
-        **{f"broken/seed-{s}": "failed" for s in (0, 1, 2)}}
+        **{f"pairwise/seed-{s}": "done" for s in (0, 1, 2)},
+        **{f"listmle/seed-{s}": "done" for s in (0, 1, 2)},
+        **{f"broken/seed-{s}": "failed" for s in (0, 1, 2)},
+    }
     assert status["broken/seed-0"]["returncode"] == 2
     assert "DataError: data file 'missing.jsonl' does not exist" in status["broken/seed-0"]["error"]
     assert any("broken seed 1: FAILED (exit 2)" in ln and "the other runs go on" in ln for ln in lines)
@@ -197,7 +229,9 @@ def test_runner_skips_finished_runs_resumes_partial_ones_and_goes_on_after_a_fai
     assert sum("done already" in ln for ln in lines) == 5
     assert any("resuming listmle seed 0" in ln for ln in lines)
     assert (out / "listmle" / "seed-0" / "invocations").read_text().splitlines() == [
-        "--config " + str(Path("configs/tiny.yaml").absolute()), f"--resume {out / 'listmle' / 'seed-0'}"]
+        "--config " + str(Path("configs/tiny.yaml").absolute()),
+        f"--resume {out / 'listmle' / 'seed-0'}",
+    ]
     assert (out / "pairwise" / "seed-0" / "invocations").read_text().count("\n") == 1  # not run again
     assert status["broken/seed-2"]["state"] == "failed"  # retried, failed again
     assert "==== larpo-ray study:" in (out / "broken" / "seed-2" / "console.log").read_text()
@@ -254,7 +288,9 @@ def test_report_numbers_markdown_and_plot(tmp_path):
         rate = acc[-1]
         final = [int(j < rate * n) for j in range(n)]
         _fake_run(r.run_dir, 2, acc, correct=[[int(j < 20) for j in range(n)], final, final])
-    (runs[5].run_dir / "metrics.jsonl").write_text('{"iteration": 0, "eval/accuracy": 0.2}\n')  # listmle seed 2: unfinished
+    (runs[5].run_dir / "metrics.jsonl").write_text(
+        '{"iteration": 0, "eval/accuracy": 0.2}\n'
+    )  # listmle seed 2: unfinished
     paths = write_report(study, runs, out, {"listmle/seed-2": {"state": "failed", "seconds": 5.0}})
     assert [p.name for p in paths] == ["study.md", "study.json", "study.png"]
     summary = json.loads((out / "study.json").read_text())
@@ -263,7 +299,9 @@ def test_report_numbers_markdown_and_plot(tmp_path):
     assert rows["pairwise"]["final"]["mean"] == pytest.approx(0.31)
     assert rows["listmle"]["final"]["mean"] == pytest.approx(0.505)
     assert rows["listmle"]["gain"]["mean"] == pytest.approx(0.305)
-    assert rows["pairwise"]["generated_tokens"]["mean"] == 2000 and rows["pairwise"]["loop_minutes"]["mean"] == pytest.approx(2.7)
+    assert rows["pairwise"]["generated_tokens"]["mean"] == 2000 and rows["pairwise"]["loop_minutes"][
+        "mean"
+    ] == pytest.approx(2.7)
     low, high = rows["pairwise"]["final"]["low"], rows["pairwise"]["final"]["high"]
     assert low < 0.31 < high
     assert [c["iteration"] for c in rows["pairwise"]["curve"]] == [0, 1, 2]
@@ -289,7 +327,9 @@ def test_report_only_rewrites_the_report_from_the_folders(tmp_path, capsys):
         _fake_run(r.run_dir, 2, [0.2, 0.3, 0.4], correct=[[1, 0], [1, 0], [1, 1]])
     assert study_mod.main([path, "--out", str(out), "--report-only", "--logging.wandb_mode", "disabled"]) == 0
     assert "wrote " + str(out / "study.md") in capsys.readouterr().out
-    assert summarize(load_study(path), plan_runs(load_study(path), out, []), {})["variants"][0]["final"]["mean"] == pytest.approx(0.4)
+    assert summarize(load_study(path), plan_runs(load_study(path), out, []), {})["variants"][0]["final"][
+        "mean"
+    ] == pytest.approx(0.4)
 
 
 def test_variants_selects_runs_and_names_an_unknown_one(tmp_path, capsys):

@@ -38,8 +38,9 @@ variants:
 def _study(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "larpo_ray.study", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=2400)
+    return subprocess.run(
+        [sys.executable, "-m", "larpo_ray.study", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=2400
+    )
 
 
 def test_smoke_study_runs_reports_skips_and_resumes(tmp_path):

@@ -10,9 +10,21 @@ from collections import Counter
 
 import pytest
 
-from larpo_ray.tasks import (INSTRUCTION, REWARDS, TEMPLATES, Problem, accuracy, answers_match, binary_reward,
-                             format_question, graded_reward, make_splits, parse_final_answer,
-                             pass_at_n, reference_answer)
+from larpo_ray.tasks import (
+    INSTRUCTION,
+    REWARDS,
+    TEMPLATES,
+    Problem,
+    accuracy,
+    answers_match,
+    binary_reward,
+    format_question,
+    graded_reward,
+    make_splits,
+    parse_final_answer,
+    pass_at_n,
+    reference_answer,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Splits
@@ -25,10 +37,20 @@ def test_splits_are_deterministic():
 
 
 def test_splits_are_identical_across_processes_with_different_hash_seeds():
-    code = ("from larpo_ray.tasks import make_splits; "
-            "tr, ev = make_splits([1, 3, 4], 30, 9, seed=3); print([p.uid for p in tr + ev])")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    code = (
+        "from larpo_ray.tasks import make_splits; "
+        "tr, ev = make_splits([1, 3, 4], 30, 9, seed=3); print([p.uid for p in tr + ev])"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": h},
+        ).stdout
+        for h in ("1", "2")
+    }
     train, held_out = make_splits([1, 3, 4], 30, 9, seed=3)
     assert outs == {str([p.uid for p in train + held_out]) + "\n"}
 
@@ -109,29 +131,61 @@ def test_word_problem_templates_give_distinct_questions_with_natural_answers(tem
     assert len(questions) == len(indices)
 
 
-@pytest.mark.parametrize("level, template, args, expected", [
-    (3, 0, ("Mia", "apples", 14, 9),
-     ("Mia has 14 apples and buys 9 more. How many apples does Mia have now?", 23)),
-    (3, 1, ("Leo", "marbles", 9, 5),
-     ("Leo had 14 marbles and gave 9 to a friend. How many marbles does Leo have left?", 5)),
-    (3, 4, ("Ava", "pencils", 3, 6),
-     ("Ava has 3 boxes with 6 pencils in each box. How many pencils does Ava have?", 18)),
-    (3, 7, ("", "", 4, 10),
-     ("A bus has 14 passengers. At the next stop, 4 people get off. How many passengers are "
-      "on the bus now?", 10)),
-    (4, 0, ("Zoe", "stamps", 5, 7, 3),
-     ("Zoe has 8 stamps, buys 7 more, and then gives 3 to a friend. How many stamps does Zoe "
-      "have now?", 12)),
-    (4, 2, ("Priya", "shells", 10, 4),
-     ("Priya has 10 shells. Mia has 4 more than Priya. How many shells do they have "
-      "together?", 24)),
-    (4, 4, ("Sam", "cookies", 3, 4, 2),
-     ("Sam had 14 cookies and gave 3 to each of 4 friends. How many cookies does Sam have "
-      "left?", 2)),
-    (4, 6, ("Kai", "pens", 3, 7, 0),
-     ("Kai buys 3 pens at 7 dollars each and pays with a 50-dollar bill. How many dollars of "
-      "change does Kai get?", 29)),
-])
+@pytest.mark.parametrize(
+    "level, template, args, expected",
+    [
+        (3, 0, ("Mia", "apples", 14, 9), ("Mia has 14 apples and buys 9 more. How many apples does Mia have now?", 23)),
+        (
+            3,
+            1,
+            ("Leo", "marbles", 9, 5),
+            ("Leo had 14 marbles and gave 9 to a friend. How many marbles does Leo have left?", 5),
+        ),
+        (
+            3,
+            4,
+            ("Ava", "pencils", 3, 6),
+            ("Ava has 3 boxes with 6 pencils in each box. How many pencils does Ava have?", 18),
+        ),
+        (
+            3,
+            7,
+            ("", "", 4, 10),
+            (
+                "A bus has 14 passengers. At the next stop, 4 people get off. How many passengers are on the bus now?",
+                10,
+            ),
+        ),
+        (
+            4,
+            0,
+            ("Zoe", "stamps", 5, 7, 3),
+            ("Zoe has 8 stamps, buys 7 more, and then gives 3 to a friend. How many stamps does Zoe have now?", 12),
+        ),
+        (
+            4,
+            2,
+            ("Priya", "shells", 10, 4),
+            ("Priya has 10 shells. Mia has 4 more than Priya. How many shells do they have together?", 24),
+        ),
+        (
+            4,
+            4,
+            ("Sam", "cookies", 3, 4, 2),
+            ("Sam had 14 cookies and gave 3 to each of 4 friends. How many cookies does Sam have left?", 2),
+        ),
+        (
+            4,
+            6,
+            ("Kai", "pens", 3, 7, 0),
+            (
+                "Kai buys 3 pens at 7 dollars each and pays with a 50-dollar bill. How many dollars of "
+                "change does Kai get?",
+                29,
+            ),
+        ),
+    ],
+)
 def test_hand_written_word_problems(level, template, args, expected):
     assert TEMPLATES[level][template].render(*args) == expected
 
@@ -141,41 +195,44 @@ def test_hand_written_word_problems(level, template, args, expected):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("The answer is 12.", "12"),
-    ("12", "12"),
-    ("= 12", "12"),
-    ("$1,234", "1234"),
-    ("-5", "-5"),
-    ("12.0", "12"),
-    ("2.50", "2.5"),
-    ("\\boxed{12}", "12"),
-    ("#### 12", "12"),
-    ("**12**", "12"),
-    ("Answer: 12 apples", "12"),
-    ("The farm has 1,234,567 chickens.", "1234567"),
-    ("So Mia has 23 apples!", "23"),
-    ("\u22125", "-5"),
-    ("The answer is \u22120.0", "0"),
-    ("Step 1: 14 + 9 = 23", "23"),
-    ("Step 1: add the numbers.\nStep 2: the total is 23.\nStep 3", "23"),
-    ("1. Mia has 14 apples.\n2. She buys 9 more, so she has 23.", "23"),
-    ("23.", "23"),
-    ("The answer is 7 + 12 = 19.", "19"),
-    ("The answer is 23 because Mia had 14 and bought 9.", "23"),
-    ("Answer: 12. I hope this answer is helpful.", "12"),
-    ("The answer is below.\n\n14 + 9 = 23", "23"),
-    ("The answer is:\n\n42", "42"),
-    ("**Answer:** 8", "8"),
-    ("3 + 4 = 7, 7 \u00d7 2 = 14. Final Answer: The final answer is $\\boxed{14}$. Check: 2", "14"),
-    ("\\boxed{\\text{12 apples}}", "12"),
-    ("#### 1,000\nThat was easy, 5 stars.", "1000"),
-    ("7-5=2", "2"),
-    ("x = -3", "-3"),
-    ("The answer is 007", "7"),
-    ("I am not sure.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 12.", "12"),
+        ("12", "12"),
+        ("= 12", "12"),
+        ("$1,234", "1234"),
+        ("-5", "-5"),
+        ("12.0", "12"),
+        ("2.50", "2.5"),
+        ("\\boxed{12}", "12"),
+        ("#### 12", "12"),
+        ("**12**", "12"),
+        ("Answer: 12 apples", "12"),
+        ("The farm has 1,234,567 chickens.", "1234567"),
+        ("So Mia has 23 apples!", "23"),
+        ("\u22125", "-5"),
+        ("The answer is \u22120.0", "0"),
+        ("Step 1: 14 + 9 = 23", "23"),
+        ("Step 1: add the numbers.\nStep 2: the total is 23.\nStep 3", "23"),
+        ("1. Mia has 14 apples.\n2. She buys 9 more, so she has 23.", "23"),
+        ("23.", "23"),
+        ("The answer is 7 + 12 = 19.", "19"),
+        ("The answer is 23 because Mia had 14 and bought 9.", "23"),
+        ("Answer: 12. I hope this answer is helpful.", "12"),
+        ("The answer is below.\n\n14 + 9 = 23", "23"),
+        ("The answer is:\n\n42", "42"),
+        ("**Answer:** 8", "8"),
+        ("3 + 4 = 7, 7 \u00d7 2 = 14. Final Answer: The final answer is $\\boxed{14}$. Check: 2", "14"),
+        ("\\boxed{\\text{12 apples}}", "12"),
+        ("#### 1,000\nThat was easy, 5 stars.", "1000"),
+        ("7-5=2", "2"),
+        ("x = -3", "-3"),
+        ("The answer is 007", "7"),
+        ("I am not sure.", None),
+        ("", None),
+    ],
+)
 def test_parse_final_answer(text, expected):
     assert parse_final_answer(text) == expected
 
@@ -193,11 +250,19 @@ def test_binary_reward_compares_numerically():
     assert REWARDS == {"binary": binary_reward, "graded": graded_reward}
 
 
-@pytest.mark.parametrize("reference, expected", [
-    ("72", "72"), ("Natalia sold 48/2 = 24 clips.\nShe sold 72 clips.\n#### 72", "72"), ("1,000", "1000"),
-    (" -012.50 ", "-12.5"), ("\\boxed{7}", "7"), ("Paris", "Paris"), ("The answer is Paris.", "Paris"),
-    ("3 apples", "3 apples"),
-])
+@pytest.mark.parametrize(
+    "reference, expected",
+    [
+        ("72", "72"),
+        ("Natalia sold 48/2 = 24 clips.\nShe sold 72 clips.\n#### 72", "72"),
+        ("1,000", "1000"),
+        (" -012.50 ", "-12.5"),
+        ("\\boxed{7}", "7"),
+        ("Paris", "Paris"),
+        ("The answer is Paris.", "Paris"),
+        ("3 apples", "3 apples"),
+    ],
+)
 def test_reference_answer_is_a_canonical_number_or_the_text(reference, expected):
     assert reference_answer(reference) == expected
     assert reference_answer(expected) == expected  # idempotent: the driver and the scorer both apply it

@@ -13,14 +13,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from test_learner import make_lists
 
 
 def generator_weights(actor) -> dict[str, np.ndarray]:
     """The HF engine's current weights, read inside the actor."""
     return actor.__ray_call__.remote(
-        lambda g: {k: v.detach().float().numpy().copy() for k, v in g.engine.model.state_dict().items()})
+        lambda g: {k: v.detach().float().numpy().copy() for k, v in g.engine.model.state_dict().items()}
+    )
 
 
 def assert_generators_hold_the_learners_weights(ray, rt) -> None:
@@ -42,10 +42,34 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
     from larpo_ray.models import load_tokenizer
     from larpo_ray.topology import RayRuntime
 
-    cfg = load_config(None, "tiny", ["--generation.engine", "hf", "--generation.num_generators", "2",
-                                     "--generation.weight_transport", "gloo", "--generation.weight_bucket_mb", "1",
-                                     "--learner.lr", "1e-3", "--learner.zero_stage", str(zero_stage), "--faults.call_timeout_s", "120", "--faults.actor_max_restarts", "0", "--generation.batch_prompts", "2", "--resources.generator_cpus", "0.25",
-                                     "--logging.wandb_mode", "disabled"])
+    cfg = load_config(
+        None,
+        "tiny",
+        [
+            "--generation.engine",
+            "hf",
+            "--generation.num_generators",
+            "2",
+            "--generation.weight_transport",
+            "gloo",
+            "--generation.weight_bucket_mb",
+            "1",
+            "--learner.lr",
+            "1e-3",
+            "--learner.zero_stage",
+            str(zero_stage),
+            "--faults.call_timeout_s",
+            "120",
+            "--faults.actor_max_restarts",
+            "0",
+            "--generation.batch_prompts",
+            "2",
+            "--resources.generator_cpus",
+            "0.25",
+            "--logging.wandb_mode",
+            "disabled",
+        ],
+    )
     tokenizer = load_tokenizer(tiny_model_path)
     lists = make_lists(tokenizer, 8)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -84,7 +108,11 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
         # 3. generator 0 dead for good: this sync falls back to the object store and says so
         ray.kill(rt.generators[0], no_restart=True)
         rt.train(2, lists)
-        with pytest.warns(UserWarning, match=r"gloo weight sync of version 3 failed \(a generator: ActorDiedError: .*\); falling back to the object store"):
+        with pytest.warns(
+            UserWarning,
+            match=r"gloo weight sync of version 3 failed \(a generator: ActorDiedError: .*\); "
+            r"falling back to the object store",
+        ):
             sync = rt.sync_weights(3)
         assert sync["fallbacks"] == 1 and rt.stale == {0}
         assert ray.get(rt.generators[1].weights_version.remote()) == 3
@@ -106,9 +134,11 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
 def test_nccl_without_gpus_is_refused_naming_the_fix():
     from larpo_ray.config import Config, ConfigError
 
-    with pytest.raises(ConfigError, match="weight_transport = 'nccl' broadcasts between GPUs.*"
-                                          "use weight_transport = gloo"):
+    with pytest.raises(
+        ConfigError, match="weight_transport = 'nccl' broadcasts between GPUs.*use weight_transport = gloo"
+    ):
         Config.from_dict({"generation": {"weight_transport": "nccl"}})
-    cfg = Config.from_dict({"generation": {"weight_transport": "nccl"},
-                            "resources": {"learner_gpus_per_worker": 1, "generator_gpus": 1}})
+    cfg = Config.from_dict(
+        {"generation": {"weight_transport": "nccl"}, "resources": {"learner_gpus_per_worker": 1, "generator_gpus": 1}}
+    )
     assert cfg.generation.weight_transport == "nccl"
