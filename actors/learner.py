@@ -1,6 +1,6 @@
 """The learner role: one data-parallel rank that trains the policy on ranked lists with DeepSpeed.
 
-This is the inner loop of Algorithm 1 (PAPER.md): with pi_ref = the policy at the start of the
+This is the inner loop of Algorithm 1 (docs/algorithm.md): with pi_ref = the policy at the start of the
 iteration (or the initial policy, `loss.reference = initial`), run `learner.epochs` epochs over the
 iteration's lists, minimising the ranking loss L(x, list; pi_theta, pi_ref); the weights carry over
 to the next iteration (no re-init). A plain class: `larpo_ray.learner_group` runs one in-process or
@@ -88,7 +88,7 @@ def deepspeed_config(cfg: LearnerConfig, bf16: bool) -> dict:
 def lr_at(step: int, total_steps: int, cfg: LearnerConfig) -> float:
     """Learning rate of step `step` (0-based) of an iteration: linear warm-up, then the schedule
     (constant, or linear / cosine decay towards 0 at the iteration's end). The paper gives no
-    schedule (PAPER.md, hyper-parameters): this is [ours]."""
+    schedule (docs/algorithm.md, hyper-parameters): this is [ours]."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)

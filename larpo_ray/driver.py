@@ -177,7 +177,6 @@ def advanced(
         prompt_uids=state.prompt_uids + [[p.uid for p in prompts]],
         records=state.records + [record],
         steps=state.steps + [{"iteration": record["iteration"], **m} for m in step_metrics],
-        learner_step=int(step_metrics[-1]["step"]) + 1 if step_metrics else state.learner_step,
     )
 
 

@@ -7,7 +7,7 @@ thread of the driver and each worker's train loop builds its `LearnerWorker` onc
 requests for the whole run, so iterations reuse the loaded model, the optimizer state and the
 process group (no restart, no re-load). Requests go through one Ray queue per rank (every rank
 gets every request: the operations are collectives); replies come back through one shared queue.
-Weights travel as numpy arrays through the object store (zero-copy gets, ENV.md): rank 0 puts
+Weights travel as numpy arrays through the object store (zero-copy gets, docs/cpu.md): rank 0 puts
 them and replies with the ObjectRef wrapped in a list, so the queue does not resolve it.
 
 Failures: workers start on the newest checkpoint of the run if there is one (`--resume`). When a
@@ -223,7 +223,6 @@ class RayLearnerGroup(LearnerGroup):
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Queue
 
-        start = time.perf_counter()
         n = cfg.learner.num_workers
         scaling = plan.learner_scaling(cfg)  # resources per worker and the placement group's strategy
         use_gpu = scaling["use_gpu"]
@@ -263,7 +262,6 @@ class RayLearnerGroup(LearnerGroup):
             self._failed = True  # do not wait for a "stop" reply: release what was started
             self.shutdown()
             raise
-        self.start_seconds = time.perf_counter() - start
 
     def _fit(self) -> None:
         try:

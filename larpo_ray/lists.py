@@ -3,16 +3,16 @@
 
 Two parts:
 - List rules (`LIST_RULES`): pure functions that pick and order one prompt's candidates, best
-  first, with the labels the loss orders by (PAPER.md, "How lists were built in the paper").
+  first, with the labels the loss orders by (docs/algorithm.md, "How lists were built in the paper").
 - `CandidateMemory`: stores scored candidates per prompt and iteration and merges a window of
-  iterations into one pool that is re-ranked together (PAPER.md, "Keeping earlier iterations'
+  iterations into one pool that is re-ranked together (docs/algorithm.md, "Keeping earlier iterations'
   responses in the pool and re-ranking helps").
 
 Reference log-probs are never stored here. The reference is the policy at the start of the
-iteration (PAPER.md, Algorithm 1: pi_beta <- pi_s), so a response sampled two iterations ago has a
+iteration (docs/algorithm.md, Algorithm 1: pi_beta <- pi_s), so a response sampled two iterations ago has a
 stale reference log-prob; the learner recomputes log pi_ref for every pooled response.
 
-Ties carry no order (PAPER.md, "The losses"): a list is returned only if it has at least one
+Ties carry no order (docs/algorithm.md, "The losses"): a list is returned only if it has at least one
 strictly ordered pair; prompts without one are counted in `ListStats.n_no_pair`.
 """
 
@@ -108,7 +108,7 @@ def correct_incorrect(
     rng: random.Random,
     correct_threshold: float,
 ) -> Selection | None:
-    """One random correct vs one random incorrect response (binary rule-based reward, PAPER.md
+    """One random correct vs one random incorrect response (binary rule-based reward, docs/algorithm.md
     math setting). Correct means reward >= correct_threshold (default 1.0: the verifier gives 1.0
     for a matching final answer). Labels 1.0 / 0.0; None unless both kinds exist."""
     ranked = _ranked(candidates)  # fixed order before sampling, so only the seed matters
@@ -243,7 +243,7 @@ class CandidateMemory:
                 rng=prompt_rng(seed, iteration, prompt.uid),
                 correct_threshold=correct_threshold,
             )
-            # Ties are not an order (PAPER.md, "The losses"): need one strictly ordered pair.
+            # Ties are not an order (docs/algorithm.md, "The losses"): need one strictly ordered pair.
             if chosen is None or len(chosen[1]) < 2 or max(chosen[1]) == min(chosen[1]):
                 stats.n_no_pair += 1
                 continue

@@ -1,4 +1,4 @@
-"""Ranking losses of LARPO (Jin et al., ICML 2025; the loss table in PAPER.md). Pure torch.
+"""Ranking losses of LARPO (Jin et al., ICML 2025; the loss table in docs/algorithm.md). Pure torch.
 
 Every loss has one signature and is looked up by name in `LOSSES`:
 
@@ -42,7 +42,7 @@ Metrics = dict[str, float]
 
 
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
-    """g = beta * (policy_logp - ref_logp), any shape: DPO's implicit reward (PAPER.md, losses)."""
+    """g = beta * (policy_logp - ref_logp), any shape: DPO's implicit reward (docs/algorithm.md, losses)."""
     return beta * (policy_logps - ref_logps)
 
 
@@ -137,7 +137,7 @@ def pairwise_loss(
 ) -> tuple[Tensor, Metrics]:
     """DPO on the best vs the worst valid candidate: -log sigmoid(g_w - g_l).
 
-    The paper's pairwise setting is top-1 vs bottom-1 of the list (PAPER.md, list building). When
+    The paper's pairwise setting is top-1 vs bottom-1 of the list (docs/algorithm.md, list building). When
     several candidates tie for the best (or worst) reward, the one in the lowest slot is used.
     """
     lists = _prepare(policy_logps, ref_logps, rewards, mask, beta)
@@ -162,7 +162,7 @@ def ipo_loss(
 def contrastive_loss(
     policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, mask: Tensor, beta: float
 ) -> tuple[Tensor, Metrics]:
-    """InfoNCE: -log(exp g_w / (exp g_w + sum_neg exp g_neg)) (PAPER.md, contrastive).
+    """InfoNCE: -log(exp g_w / (exp g_w + sum_neg exp g_neg)) (docs/algorithm.md, contrastive).
 
     The positive is the best valid candidate (lowest slot on ties, as in `pairwise_loss`); the
     negatives are all valid candidates with a strictly lower reward. Candidates tied with the
@@ -201,7 +201,7 @@ def _delta_ndcg(rewards: Tensor, mask: Tensor, pair_BKK: Tensor) -> Tensor:
 def lambdarank_loss(
     policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, mask: Tensor, beta: float, *, ndcg_weights: bool = False
 ) -> tuple[Tensor, Metrics]:
-    """-sum over strict pairs (r_i > r_j) of w_ij * log sigmoid(g_i - g_j) (PAPER.md, LambdaRank).
+    """-sum over strict pairs (r_i > r_j) of w_ij * log sigmoid(g_i - g_j) (docs/algorithm.md, LambdaRank).
 
     As printed in the paper w_ij = 1. With `ndcg_weights=True`, w_ij is the |DeltaNDCG| of the
     pair (LiPO-lambda, Liu et al. 2024), defined in `_delta_ndcg`. Tied pairs are not in the sum.

@@ -50,7 +50,7 @@ class RankedList:
     """One prompt's training list, best first. `labels` are what the loss orders by.
 
     With the full-order rules labels equal the rewards; with the partition rule positives and
-    negatives get two levels so order within each group is not trained (PAPER.md, list rules).
+    negatives get two levels so order within each group is not trained (docs/algorithm.md, list rules).
     """
 
     prompt: Prompt

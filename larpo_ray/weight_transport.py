@@ -15,10 +15,11 @@ but the tensor data travels, and the sender checks every tensor against that met
 mismatch would otherwise hang a receiver or load garbage).
 
 Runbook:
-    store, port = open_endpoint(world_size)                        # sender (learner rank 0)
-    group = join(addr, port, rank, world_size, "gloo", 600, store)  # every member, concurrently
-    send(group, meta, named_tensors, bucket_bytes)                  # rank 0 ...
-    tensors = receive(group, meta, bucket_bytes, device)            # ... while ranks 1..N receive
+    store, port = open_endpoint(timeout_s)                               # sender (learner rank 0)
+    group = join(addr, port, 0, world_size, "gloo", timeout_s, store)    # rank 0, with its store ...
+    group = join(addr, port, rank, world_size, "gloo", timeout_s)        # ... ranks 1..N concurrently
+    n_bytes = send(group, meta, named_tensors, bucket_bytes)             # rank 0 ...
+    tensors = receive(group, meta, bucket_bytes, device)                 # ... while ranks 1..N receive
 """
 
 from __future__ import annotations

@@ -56,9 +56,16 @@ def test_a_half_written_checkpoint_is_never_the_latest(tmp_path):
 
 
 def test_redone_iteration_replaces_its_checkpoint(tmp_path):
-    write(tmp_path, 1, learner_step=3)
-    write(tmp_path, 1, learner_step=5)  # after a learner restart the iteration ran again
-    assert checkpoint.read_state(tmp_path / "iter-000001").learner_step == 5
+    write(tmp_path, 1, wandb_id="first")
+    write(tmp_path, 1, wandb_id="again")  # after a learner restart the iteration ran again
+    assert checkpoint.read_state(tmp_path / "iter-000001").wandb_id == "again"
+
+
+def test_a_checkpoint_with_a_key_this_version_dropped_still_resumes(tmp_path):
+    path = write(tmp_path, 1)
+    data = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**data, "learner_step": 12}))  # written before it was dropped
+    assert checkpoint.read_state(path).iteration == 1
 
 
 def test_unreadable_state_names_the_fix(tmp_path):
@@ -78,7 +85,6 @@ def test_state_round_trips_through_json(tmp_path):
         memory={"pool": [1, 2]},
         prompt_uids=[["a", "b"], ["c", "d"]],
         wandb_id="abc123",
-        learner_step=7,
         records=[{"iteration": 0, "eval/mean_reward": 0.25}],
         steps=[{"iteration": 1, "step": 0.0, "loss": 0.69}],
         config=Config().to_dict(),

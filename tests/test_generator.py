@@ -188,3 +188,22 @@ def test_ping_is_the_process_id(generator):
     import os
 
     assert generator.ping() == os.getpid()
+
+
+def test_a_failing_native_weight_transfer_falls_back_to_the_file_path():
+    """The GPU path (vLLM's weight-transfer API) is not run here: if it raises, the engine warns
+    once and reloads from a file from then on, rather than failing the run."""
+    from actors.generator import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM engine behind it: only load_weights' choice
+    engine.facts, engine.native_sync, loaded = read_model_facts(resolve_model("tiny")), True, []
+
+    def native(tensors):
+        raise RuntimeError("no IPC here")
+
+    engine._load_native, engine._load_from_file = native, lambda tensors: loaded.append(sorted(tensors))
+    weights = {"model.norm.weight": np.ones(4, dtype=np.float32)}
+    with pytest.warns(UserWarning, match="native weight transfer failed \\(RuntimeError: no IPC here\\)"):
+        engine.load_weights(weights)
+    engine.load_weights(weights)  # no second warning: the file path is now the path
+    assert loaded == [["model.norm.weight"], ["model.norm.weight"]] and engine.native_sync is False

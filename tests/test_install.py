@@ -52,7 +52,7 @@ def test_pyproject_declares_packages_and_extras():
 
 
 def test_torchvision_is_absent_so_transformers_imports():
-    # PyPI's torchvision breaks `import transformers` beside the local CPU torch (ENV.md).
+    # PyPI's torchvision breaks `import transformers` beside the local CPU torch (docs/cpu.md).
     assert "torchvision" not in _installed()
     subprocess.run([sys.executable, "-c", "import transformers.models.llama"], check=True)
 

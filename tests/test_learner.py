@@ -1,7 +1,7 @@
 """The learner: LearnerWorker through LocalLearnerGroup (fast) and RayLearnerGroup (slow).
 
 All on the tiny model with real tokenized prompts and responses. The invariants checked are the
-ones the loss scaling and the reference policy depend on (STYLE.md 12): every parameter trains,
+ones the loss scaling and the reference policy depend on: every parameter trains,
 the reference is the policy at the start of the iteration (Algorithm 1), micro-batch x
 accumulation gives the same update, and 2 data-parallel workers give the 1-worker update.
 """

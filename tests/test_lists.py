@@ -187,7 +187,7 @@ def test_state_dict_json_round_trip():
 
 
 def test_no_reference_logprob_stored():
-    # The learner recomputes log pi_ref under the current reference (PAPER.md, Algorithm 1).
+    # The learner recomputes log pi_ref under the current reference (docs/algorithm.md, Algorithm 1).
     for cls in (Candidate, ScoredCandidate, RankedList):
         assert not [f.name for f in dataclasses.fields(cls) if "ref" in f.name.lower()], cls
 
