@@ -3,14 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# Environment every run and test wants on a CPU machine (docs/cpu.md): DeepSpeed's CPU accelerator, Ray
-# without token auth for local clusters, W&B offline, no model-hub network.
-export DS_ACCELERATOR ?= cpu
-export RAY_AUTH_MODE ?= disabled
-export WANDB_MODE ?= offline
-export HF_HUB_OFFLINE ?= 1
-export VLLM_CPU_KVCACHE_SPACE ?= 1
-export VLLM_ALLOW_INSECURE_SERIALIZATION ?= 1
+# Environment every run and test wants on a CPU machine (docs/cpu.md): the one list in cpu-env.mk.
+include cpu-env.mk
+export $(shell sed -n 's/^\([A-Z][A-Z0-9_]*\) *?=.*/\1/p' cpu-env.mk)
 ARGS ?=
 
 .PHONY: install run lint test test-fast soak clean-venv

@@ -36,7 +36,7 @@ import numpy as np
 
 from larpo_ray import weight_transport
 from larpo_ray.config import GenerationConfig, ModelConfig
-from larpo_ray.models import read_model_facts
+from larpo_ray.models import hf_generation_config, read_model_facts, stop_position, vllm_finish_reason
 from larpo_ray.types import Candidate, Prompt
 
 
@@ -260,11 +260,10 @@ def _cpu_scheduling(on_gpu: bool, model_cfg: ModelConfig) -> dict:
 
 def _vllm_sample(completion) -> Sample:
     """A vLLM CompletionOutput as a Sample (logprobs holds one {token: Logprob} per step)."""
-    if completion.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM ended a request with finish_reason={completion.finish_reason!r}")
+    reason = vllm_finish_reason(completion.finish_reason)
     ids = tuple(completion.token_ids)
     logps = tuple(step[tok].logprob for step, tok in zip(completion.logprobs, ids))
-    return Sample(ids, logps, completion.finish_reason)
+    return Sample(ids, logps, reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,25 +308,13 @@ class HFEngine:
         self, token_ids: list[Sequence[int]], temperature: float, max_new_tokens: int, top_p: float
     ) -> list[Sample]:
         import torch
-        from transformers import GenerationConfig as HFGenerationConfig
 
         width = max(len(ids) for ids in token_ids)
         pad = self.facts.pad_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in token_ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in token_ids])
-        sampled = temperature > 0
-        # An explicit config, so warpers saved with the model (penalties) do not apply; top_k=0
-        # because transformers fills an unset top_k with 50, which vLLM does not apply.
-        config = HFGenerationConfig(
-            do_sample=sampled,
-            temperature=temperature if sampled else None,
-            top_p=top_p if sampled else None,
-            top_k=0 if sampled else None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(self.facts.stop_ids),
-            pad_token_id=pad,
-            output_scores=True,
-            return_dict_in_generate=True,
+        config = hf_generation_config(
+            self.facts, temperature, top_p, max_new_tokens, output_scores=True, return_dict_in_generate=True
         )
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
@@ -341,10 +328,10 @@ class HFEngine:
 
     def _trim(self, ids: list[int], logps: list[float]) -> Sample:
         """Cut a padded row after its first EOS (kept), or mark it truncated by length."""
-        for n, tok in enumerate(ids):
-            if tok in self.facts.stop_ids:
-                return Sample(tuple(ids[: n + 1]), tuple(logps[: n + 1]), "stop")
-        return Sample(tuple(ids), tuple(logps), "length")
+        n = stop_position(ids, self.facts.stop_ids)
+        if n is None:
+            return Sample(tuple(ids), tuple(logps), "length")
+        return Sample(tuple(ids[: n + 1]), tuple(logps[: n + 1]), "stop")
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         tensors = as_tensors(weights, self.facts.tied_embeddings)

@@ -42,6 +42,7 @@ from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
 from larpo_ray.losses import LOSSES, best_nll
 from larpo_ray.models import load_causal_lm, load_tokenizer
+from larpo_ray.stats import mean
 from larpo_ray.types import RankedList, TrainResult
 
 # Order of the per-step sums that are all-reduced (weights follow losses.py's reduction rule).
@@ -292,8 +293,8 @@ class LearnerWorker:
             "n_active": float(len(active)),
             "n_pairs": float(sums[_SUMS.index("n_pairs")]) / self.cfg.epochs,
             "n_no_pair": float(len(lists) - len(active)),
-            "grad_norm": _mean(m["grad_norm"] for m in step_metrics),
-            "lr": _mean(m["lr"] for m in step_metrics),
+            "grad_norm": mean((m["grad_norm"] for m in step_metrics), empty=0.0),  # no step: nothing moved
+            "lr": mean((m["lr"] for m in step_metrics), empty=0.0),
             "steps": float(len(steps)),
             "tokens_per_s": float(sums[_SUMS.index("tokens")]) / max(train_seconds, 1e-9),
             "ref_seconds": ref_seconds,
@@ -526,8 +527,3 @@ def _means(sums: Tensor) -> dict[str, float]:
     values = dict(zip(_SUMS, sums.tolist()))
     out = {k: v / max(values[_WEIGHT[k]], 1.0) if k in _WEIGHT else v for k, v in values.items()}
     return out
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0

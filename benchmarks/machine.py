@@ -19,24 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-# The Makefile's environment for CPU runs (README); setdefault, so a caller's values win.
-CPU_ENV = {
-    "DS_ACCELERATOR": "cpu",
-    "RAY_AUTH_MODE": "disabled",
-    "WANDB_MODE": "offline",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
 
 def cpu_environment() -> None:
-    """Set the CPU run environment (before torch, DeepSpeed or vLLM are imported)."""
-    for key, value in CPU_ENV.items():
-        os.environ.setdefault(key, value)
+    """Set the CPU run environment of cpu-env.mk (before torch, DeepSpeed or vLLM are imported);
+    a caller's values win."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    from larpo_ray.cpu_env import apply_cpu_env
+
+    apply_cpu_env()
 
 
 def cpu_model() -> str:

@@ -27,6 +27,7 @@ from larpo_ray.checkpoint import LoopState
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
+from larpo_ray.stats import mean
 from larpo_ray.storage import RunStorage
 from larpo_ray.tasks import binary_reward, pass_at_n, reference_answer, win_rate
 from larpo_ray.topology import Rollout, Runtime
@@ -360,7 +361,7 @@ def evaluate(
             batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS),
         )
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
-    out = {"eval/mean_reward": _mean(rewards.values()), "eval/n_scored": float(len(rewards))}
+    out = {"eval/mean_reward": mean(rewards.values()), "eval/n_scored": float(len(rewards))}
     answers = {p.uid: reference_answer(p.answer) for p in held_out if p.answer is not None}
     texts = {c.prompt_uid: c.text for c in greedy.candidates}
     correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}
@@ -374,8 +375,8 @@ def evaluate(
         for p in held_out
     ]
     if answers:
-        out["eval/accuracy"] = _mean(correct.values())
-        out["eval/mean_response_tokens"] = _mean(len(c.token_ids) for c in greedy.candidates)
+        out["eval/accuracy"] = mean(correct.values())
+        out["eval/mean_response_tokens"] = mean(len(c.token_ids) for c in greedy.candidates)
     if initial and any(u in rewards for u in initial):
         common = [u for u in initial if u in rewards]
         out["eval/win_rate_vs_initial"] = win_rate([rewards[u] for u in common], [initial[u] for u in common])
@@ -397,7 +398,7 @@ def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers:
 def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
     rewards = [sc.reward for sc in rollout.scored]
     out = {
-        "rollout/mean_reward": _mean(rewards),
+        "rollout/mean_reward": mean(rewards),
         "rollout/n_candidates": float(len(rollout.candidates)),
         "rollout/n_scored": float(len(rollout.scored)),
         "rollout/n_failed_scores": float(rollout.n_failed),
@@ -440,11 +441,6 @@ def sample_rows(lists: list[RankedList], n: int) -> list[dict[str, Any]]:
         }
         for rl in lists[:n]
     ]
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _bar(enabled: bool, total: int, desc: str):

@@ -39,7 +39,7 @@ from larpo_ray.storage import RunStorage
 from larpo_ray.types import RankedList, TrainResult
 
 START_TIMEOUT_S = 1800.0  # workers load the model and build DeepSpeed (first run JIT-compiles)
-CALL_TIMEOUT_S = 6 * 3600.0  # one request, e.g. an iteration's training
+LEARNER_CALL_TIMEOUT_S = 6 * 3600.0  # one request to the learner group, e.g. an iteration's training
 POLL_S = 1.0  # how often a wait checks that the trainer thread is still alive
 STOP_TIMEOUT_S = 120.0  # shutdown: the workers' reply to "stop", then fit() returning
 
@@ -269,7 +269,7 @@ class RayLearnerGroup(LearnerGroup):
         except BaseException as err:  # surfaced by the next wait in the driver
             self._error = err
 
-    def _call(self, kind: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
+    def _call(self, kind: str, *args, timeout: float = LEARNER_CALL_TIMEOUT_S) -> list:
         """Send a request to every rank; the replies' payloads, ordered by rank. Raises
         LearnerRestarted if Ray Train restarted the group meanwhile (the request is void)."""
         for queue in self._requests:

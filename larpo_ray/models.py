@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,6 +283,39 @@ def read_model_facts(model_path: str, trust_remote_code: bool = False) -> ModelF
     stop_ids.discard(None)
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     return ModelFacts(frozenset(stop_ids), tokenizer.pad_token_id, tied)
+
+
+def hf_generation_config(facts: ModelFacts, temperature: float, top_p: float, max_new_tokens: int, **extra):
+    """A transformers `GenerationConfig` that samples as vLLM and the OpenAI API do (both HF
+    engines use it): explicit, so warpers saved with the model (penalties) do not apply, and
+    top_k=0 because transformers fills an unset top_k with 50. Greedy when temperature is 0."""
+    from transformers import GenerationConfig
+
+    sampled = temperature > 0
+    return GenerationConfig(
+        do_sample=sampled,
+        temperature=temperature if sampled else None,
+        top_p=top_p if sampled else None,
+        top_k=0 if sampled else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(facts.stop_ids),
+        pad_token_id=facts.pad_id,
+        **extra,
+    )
+
+
+def stop_position(token_ids: Sequence[int], stop_ids: frozenset[int]) -> int | None:
+    """Index of the first stop (EOS) token in generated ids; None when the reply ran to its
+    length limit (HF `generate` pads rows that stopped early, so later ids mean nothing)."""
+    return next((i for i, tok in enumerate(token_ids) if tok in stop_ids), None)
+
+
+def vllm_finish_reason(reason: str | None) -> str:
+    """vLLM's finish reason when it is one larpo-ray handles ("stop": EOS or a stop string;
+    "length"); anything else (an abort) raises."""
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM ended a request with finish_reason={reason!r}")
+    return reason
 
 
 # --------------------------------------------------------------------------------------------

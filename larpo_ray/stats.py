@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def mean(values: Iterable[float], empty: float = math.nan) -> float:
+    """The arithmetic mean; `empty` (NaN unless the caller says otherwise) when there are no values."""
+    values = list(values)
+    return sum(values) / len(values) if values else empty
 
 
 def t_quantile(p: float, df: int) -> float:

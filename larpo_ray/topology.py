@@ -24,7 +24,7 @@ from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
 from larpo_ray.storage import RunStorage
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
 
-CALL_TIMEOUT_S = 1800.0  # actors' start-up (vLLM loads the model)
+ACTOR_START_TIMEOUT_S = 1800.0  # generators' and reward actors' start-up (vLLM loads the model)
 POLL_S = 1.0  # how often a rollout checks for hung actors
 RESTART_BACKOFF_S = 2.0  # wait before calling an actor Ray is restarting again
 
@@ -173,7 +173,7 @@ class RayRuntime(Runtime):
         self.cfg, self.policy_path, self.log_dir = cfg, policy_path, log_dir
         self.generators = [self._spawn("generator", i) for i in range(cfg.generation.num_generators)]
         self.rewards = [self._spawn("reward", i) for i in range(cfg.reward.num_actors)]
-        ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=CALL_TIMEOUT_S)
+        ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=ACTOR_START_TIMEOUT_S)
         super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints, log_dir, run) if with_learner else None)
         self.stale: set[int] = set()  # generators that must re-load self.weights before generating
         self.deaths: dict[tuple[str, int], int] = {}  # (role, slot) -> deaths of its current actor

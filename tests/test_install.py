@@ -105,3 +105,36 @@ def test_ci_runs_the_readme_test_command():
     commands = [line.strip() for line in quick.splitlines()[1:] if line.strip()]
     assert commands == ["make run", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_one_cpu_environment_for_make_the_tests_and_the_benchmarks(tmp_path):
+    """cpu-env.mk is the one list: make exports it (a value set before wins), and the tests and
+    benchmarks read it through larpo_ray.cpu_env."""
+    import os
+
+    from larpo_ray.cpu_env import cpu_env
+
+    wanted = cpu_env()
+    assert {"DS_ACCELERATOR", "RAY_AUTH_MODE", "WANDB_MODE", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE"} <= set(wanted)
+    assert all(os.environ.get(k) for k in wanted)  # conftest applied it
+    probe = tmp_path / "probe.mk"
+    probe.write_text(f"include {ROOT}/Makefile\nprobe:\n\t@env\n")
+    clean = {k: v for k, v in os.environ.items() if k not in wanted} | {"WANDB_MODE": "online"}
+    out = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "-f", str(probe), "probe"],
+        env=clean,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert {k: seen.get(k) for k in wanted} == wanted | {"WANDB_MODE": "online"}
+
+
+def test_a_bad_line_in_the_cpu_environment_file_is_named(tmp_path):
+    from larpo_ray.cpu_env import cpu_env
+
+    bad = tmp_path / "env.mk"
+    bad.write_text("# comment\nDS_ACCELERATOR ?= cpu\nexport WANDB_MODE=offline\n")
+    with pytest.raises(ValueError, match=r"env.mk:3: expected `NAME \?= value`"):
+        cpu_env(bad)
