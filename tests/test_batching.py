@@ -2,21 +2,13 @@
 
 import pytest
 import torch
+from builders import ranked
 
 from larpo_ray import batching
 from larpo_ray.batching import collate, micro_batches, padded_tokens, sequence_length, sequence_logps, shard, to_BK
-from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
+from larpo_ray.types import RankedList
 
 PAD = 0
-
-
-def ranked(prompt: tuple[int, ...], responses: list[tuple[int, ...]], uid: str = "p") -> RankedList:
-    p = Prompt(uid=uid, text="", token_ids=prompt)
-    cands = tuple(
-        ScoredCandidate(Candidate(uid, r, "", (), 1.0, 0), reward=float(-j), iteration=0)
-        for j, r in enumerate(responses)
-    )
-    return RankedList(p, cands, tuple(c.reward for c in cands))
 
 
 def two_lists() -> list[RankedList]:

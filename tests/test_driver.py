@@ -3,15 +3,15 @@ in order, metrics.jsonl, prompt sampling and temperatures."""
 
 import json
 
+import builders
 import pytest
 
 from larpo_ray.config import load_config
 from larpo_ray.driver import run_loop, sample_prompts, temperatures_for
-from larpo_ray.types import Prompt
 
 
 def _prompts(n):
-    return [Prompt(uid=f"p{i}", text=f"q{i}", token_ids=(1, 2)) for i in range(n)]
+    return [builders.prompt(f"p{i}") for i in range(n)]
 
 
 def test_sample_prompts_walks_seeded_permutations_without_repeats():

@@ -5,26 +5,15 @@ import json
 import random
 
 import pytest
+from builders import prompt, scored
 
 from larpo_ray.lists import LIST_RULES, CandidateMemory, prompt_rng
-from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
+from larpo_ray.types import Candidate, RankedList, ScoredCandidate
 
 
 def sc(uid: str, tok: int, reward: float, iteration: int = 0) -> ScoredCandidate:
     """A scored candidate whose response is the single token `tok`."""
-    cand = Candidate(
-        prompt_uid=uid,
-        token_ids=(tok,),
-        text=f"r{tok}",
-        sample_logps=(-0.5,),
-        temperature=1.0,
-        policy_version=iteration,
-    )
-    return ScoredCandidate(candidate=cand, reward=reward, iteration=iteration)
-
-
-def prompt(uid: str) -> Prompt:
-    return Prompt(uid=uid, text=f"q {uid}", token_ids=(1, 2))
+    return scored(uid, (tok,), reward, iteration, text=f"r{tok}")
 
 
 def toks(cands) -> list[int]:

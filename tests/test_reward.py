@@ -9,6 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import builders
 import pytest
 
 from actors.reward import SCORERS, HTTPScorer, RewardActor, RewardModelScorer, RuleScorer, ScorerError, make_scorer
@@ -23,17 +24,11 @@ CHATML = (
 
 
 def prompt(uid="p", answer=None, question="What is 12 + 7?") -> Prompt:
-    return Prompt(
-        uid=uid,
-        text=f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
-        token_ids=(1, 2),
-        messages=(("user", question),),
-        answer=answer,
-    )
+    return builders.prompt(uid, question=question, answer=answer)
 
 
 def cand(text: str, uid="p") -> Candidate:
-    return Candidate(prompt_uid=uid, token_ids=(1,), text=text, sample_logps=(-0.1,), temperature=1.0, policy_version=0)
+    return builders.candidate(uid, text=text, logp=-0.1)
 
 
 # ---- rule scorer ---------------------------------------------------------------------------------
