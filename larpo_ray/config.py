@@ -244,8 +244,8 @@ class LossConfig(Group):
 
 @dataclass
 class LearnerConfig(Group):
-    lr: float = knob(5e-6, "peak learning rate (paper: 5e-7 for 7B chat models)")
-    epochs: int = knob(2, "passes over each iteration's lists (paper: 2)")
+    lr: float = knob(1e-5, "peak learning rate (paper: 5e-7 for 7B chat models)")
+    epochs: int = knob(1, "passes over each iteration's lists (paper: 2)")
     prompts_per_step: int = knob(8, "lists (prompts) per optimizer step, over all workers")
     micro_batch_tokens: int = knob(4096, "max padded tokens per forward/backward (bounds memory)")
     schedule: Literal["constant", "linear", "cosine"] = knob(
@@ -278,16 +278,18 @@ class LearnerConfig(Group):
 @dataclass
 class LoopConfig(Group):
     iterations: int = knob(3, "LARPO iterations T (paper: 3)")
-    prompts_per_iteration: int = knob(64, "prompts M sampled per iteration")
+    prompts_per_iteration: int = knob(
+        24, "prompts M per iteration (with dynamic_sampling: M prompts whose candidates do not all tie)"
+    )
     eval_every: int = knob(1, "evaluate every this many iterations (0: only before and after)")
     pass_at_n: int = knob(0, "also report Pass@N on the held-out split (0: off)")
     dynamic_sampling: bool = knob(
-        False,
+        True,
         "draw more prompts until prompts_per_iteration of them have candidates that do not all tie (a pair to learn "
         "from)",
     )
     max_draw_factor: float = knob(
-        3.0, "dynamic sampling: at most this many times prompts_per_iteration prompts drawn per iteration"
+        4.0, "dynamic sampling: at most this many times prompts_per_iteration prompts drawn per iteration"
     )
     seed: int = knob(0, "seed of prompt sampling, list rules and the learner")
     run_dir: str = knob("runs/{time}", "output folder; {time} is replaced by a timestamp")
