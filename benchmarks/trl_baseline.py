@@ -106,6 +106,7 @@ def larpo_overrides(s: dict, run_dir: Path) -> list[str]:
         "learner.max_grad_norm": s["max_grad_norm"],
         "loop.iterations": 1,
         "loop.prompts_per_iteration": s["prompts"],
+        "loop.dynamic_sampling": "false",  # TRL trains the prompts it is given: the same ones here
         "loop.seed": s["seed"],
         "loop.save_model": "false",
         "loop.run_dir": str(run_dir),

@@ -193,7 +193,7 @@ def test_dynamic_sampling_draws_until_m_prompts_can_form_a_pair():
     _, drawn, kept, counts = draw_prompts(cfg, rt_all_tied, even, 0, 0, False)
     assert len(drawn) == 18 and kept == [] and counts["rollout/prompts_tied"] == 18
     # off: the M prompts at the cursor, ties and all, one round
-    off = load_config(overrides=["--loop.prompts_per_iteration", "6"])
+    off = load_config(overrides=["--loop.prompts_per_iteration", "6", "--loop.dynamic_sampling", "false"])
     _, drawn, kept, counts = draw_prompts(off, _TieRuntime(), train, 12, 0, False)
     assert drawn == kept == prompt_stream(train, 12, 6, off.loop.seed) and counts == {}
 
