@@ -475,12 +475,14 @@ def graded_reward(text: str, answer: str) -> float:
     loss still sees an order in a list with no correct answer. [ours: not in the paper]
     """
     reference = reference_answer(answer)
-    if answers_match(text, reference):
-        return 1.0
-    pred = parse_final_answer(text)
-    if pred is None or not _PLAIN_NUMBER.fullmatch(reference):
+    if not _PLAIN_NUMBER.fullmatch(reference):
+        return float(answers_match(text, reference))
+    pred = parse_final_answer(text)  # parsed once: the match and the closeness both use it
+    if pred is None:
         return 0.0
     p, a = Decimal(pred), Decimal(reference)
+    if p == a:
+        return 1.0
     return 0.5 / (1.0 + float(abs(p - a)) / max(1.0, float(abs(a))))
 
 

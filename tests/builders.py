@@ -3,6 +3,10 @@ candidate, a scored candidate and a ranked list, each with the fewest arguments 
 
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
 
+# A run in the test's own process: no Ray, HF generate, one learner worker (CLI overrides).
+IN_PROCESS = ["--resources.use_ray", "false", "--generation.engine", "hf", "--learner.num_workers", "1"]
+TINY_IN_PROCESS = ["--preset", "tiny", *IN_PROCESS]
+
 
 def prompt(uid: str = "p", token_ids: tuple[int, ...] = (1, 2), question: str | None = None, answer=None) -> Prompt:
     """A prompt; with `question`, a ChatML-templated single user turn that judges can read."""

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import TINY_IN_PROCESS
 
 from larpo_ray.run import main
 
@@ -219,14 +220,7 @@ def test_reward_server_down_stops_the_run_naming_the_server_and_the_fix(tmp_path
         url = f"http://127.0.0.1:{s.getsockname()[1]}/score"
     run = tmp_path / "run"
     argv = [
-        "--preset",
-        "tiny",
-        "--resources.use_ray",
-        "false",
-        "--generation.engine",
-        "hf",
-        "--learner.num_workers",
-        "1",
+        *TINY_IN_PROCESS,
         "--loop.iterations",
         "1",
         "--data.num_eval",

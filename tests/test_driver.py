@@ -45,12 +45,7 @@ def local_run(tmp_path_factory):
     cfg = load_config(
         preset="tiny",
         overrides=[
-            "--resources.use_ray",
-            "false",
-            "--generation.engine",
-            "hf",
-            "--learner.num_workers",
-            "1",
+            *builders.IN_PROCESS,
             "--loop.iterations",
             "2",
             "--loop.prompts_per_iteration",

@@ -1,6 +1,7 @@
 """The CLI entry point: --help, and what bad input gets (exit 2, a message naming the problem)."""
 
 import pytest
+from builders import TINY_IN_PROCESS
 
 from larpo_ray.run import main
 
@@ -108,14 +109,7 @@ def test_a_dataset_with_text_answers_runs_end_to_end(capsys, tmp_path):
     )
     run = tmp_path / "run"
     argv = [
-        "--preset",
-        "tiny",
-        "--resources.use_ray",
-        "false",
-        "--generation.engine",
-        "hf",
-        "--learner.num_workers",
-        "1",
+        *TINY_IN_PROCESS,
         "--data.source",
         str(data),
         "--data.num_train",

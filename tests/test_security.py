@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from builders import TINY_IN_PROCESS
 
 from actors.reward import HTTPScorer, RewardModelScorer, ScorerError
 from larpo_ray import models
@@ -413,14 +414,7 @@ def test_secrets_never_reach_the_run_folder_or_the_console(tmp_path, monkeypatch
     monkeypatch.setenv("MY_SCORER_KEY", SCORER_SECRET)
     run_dir = tmp_path / "run"
     argv = [
-        "--preset",
-        "tiny",
-        "--resources.use_ray",
-        "false",
-        "--generation.engine",
-        "hf",
-        "--learner.num_workers",
-        "1",
+        *TINY_IN_PROCESS,
         "--loop.iterations",
         "1",
         "--loop.prompts_per_iteration",
