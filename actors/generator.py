@@ -348,7 +348,7 @@ class HFEngine:
         """Nothing to release beyond the model, which goes with the object."""
 
 
-ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}
+ENGINES: dict[str, type] = {"vllm": VLLMEngine, "hf": HFEngine}  # keys: larpo_ray.choices.ENGINE_NAMES
 
 
 # --------------------------------------------------------------------------------------------

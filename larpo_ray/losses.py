@@ -4,6 +4,8 @@ Every loss has one signature and is looked up by name in `LOSSES`:
 
     loss, metrics = LOSSES[name](policy_logps, ref_logps, rewards, mask, beta, **options)
 
+where `options` are the loss's own keywords, named in `larpo_ray.choices.LOSS_SPECS[name].options`.
+
 Shapes use suffixes, B prompts by K candidate slots: `policy_logps`, `ref_logps` (log-probs summed
 over response tokens) and `rewards` are float [B, K]; `mask` is bool [B, K], True for a real
 candidate, so lists may have different lengths. Candidates may come in any order: each loss orders
@@ -251,6 +253,8 @@ def best_nll(policy_logps: Tensor, lengths: Tensor, rewards: Tensor, mask: Tenso
     return -torch.where(active_B, per_token_B, 0.0).sum() / active_B.sum().clamp(min=1)
 
 
+# Keys: larpo_ray.choices.LOSS_SPECS, which says what the config and the learner need to know of each loss
+# (listwise, options) without importing torch; tests/test_config.py checks the two agree.
 LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
     "pairwise": pairwise_loss,
     "contrastive": contrastive_loss,

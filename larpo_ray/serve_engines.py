@@ -149,4 +149,4 @@ class HFServeEngine:
         """The model goes with the object."""
 
 
-ENGINES: dict[str, type] = {"vllm": VLLMServeEngine, "hf": HFServeEngine}
+ENGINES: dict[str, type] = {"vllm": VLLMServeEngine, "hf": HFServeEngine}  # keys: choices.ENGINE_NAMES
