@@ -8,7 +8,27 @@ from pathlib import Path
 import pytest
 import yaml
 
+from larpo_ray.choices import ENGINE_NAMES, LOSS_SPECS, SCORER_KINDS
 from larpo_ray.config import CONFIGS_DIR, Config, ConfigError, LossConfig, help_text, load_config
+from larpo_ray.lists import LIST_RULES, WINDOWS
+from larpo_ray.run import main, parse_args
+from larpo_ray.tasks import REWARDS
+
+# Every config key whose values are a registry's names, and the registry.
+REGISTRIES = {
+    "loss.name": LOSS_SPECS,
+    "lists.rule": LIST_RULES,
+    "lists.memory": WINDOWS,
+    "generation.engine": ENGINE_NAMES,
+    "reward.kind": SCORER_KINDS,
+    "reward.rule": REWARDS,
+}
+ENTRIES = [(key, name) for key, registry in REGISTRIES.items() for name in registry]
+# What an entry needs besides its name, where the defaults do not do.
+NEEDS = {
+    ("reward.kind", "model"): ["--reward.model_path", "some/reward-model"],
+    ("reward.kind", "http"): ["--reward.url", "https://rm.example/score"],
+}
 
 
 def test_defaults_validate_and_match_the_default_recipe():
@@ -174,6 +194,42 @@ def test_help_lists_every_knob_with_doc_and_default():
         for f in dataclasses.fields(group.default_factory()):
             assert f"--{group.name}.{f.name} (" in text
             assert f.metadata["doc"] in text
+
+
+@pytest.mark.parametrize(("key", "name"), ENTRIES, ids=[f"{k}={n}" for k, n in ENTRIES])
+def test_every_registry_entry_is_a_choice_of_the_config_and_the_cli(key, name, capsys):
+    """Adding a loss, list rule, memory window, engine, scorer or verifier rule to its registry makes
+    it a config value, a command-line value and a choice `--help` lists, with no other edit."""
+    args, rest = parse_args([f"--{key}", name, *NEEDS.get((key, name), [])])
+    cfg = load_config(args.config, args.preset, rest)
+    group, field = key.split(".")
+    assert getattr(getattr(cfg, group), field) == name
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert main(["--help"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(f"--{key} ("))
+    assert name in line.split("(", 1)[1].split(", default")[0].split(" | ")
+
+
+@pytest.mark.parametrize("key", REGISTRIES)
+def test_a_name_no_registry_holds_is_refused_with_the_choices(key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"--{key}", "nope"])
+    assert f"{key} = 'nope' is not allowed: choose one of {', '.join(map(repr, REGISTRIES[key]))}" in str(err.value)
+
+
+def test_the_heavy_registries_implement_exactly_the_named_choices():
+    """Losses (torch), engines and scorers (actors/) are named in larpo_ray.choices for the light
+    config: their tables must hold the same names, and a loss's options must be loss.* keys."""
+    from actors.generator import ENGINES
+    from actors.reward import SCORERS
+    from larpo_ray import serve_engines
+    from larpo_ray.losses import LOSSES
+
+    assert list(LOSSES) == list(LOSS_SPECS)
+    assert list(ENGINES) == list(serve_engines.ENGINES) == list(ENGINE_NAMES)
+    assert list(SCORERS) == list(SCORER_KINDS)
+    loss_keys = {f.name for f in dataclasses.fields(LossConfig)}
+    assert all(set(spec.options) <= loss_keys for spec in LOSS_SPECS.values())
 
 
 def test_config_import_is_light():

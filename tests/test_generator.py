@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.generator import ENGINES, Generator
+from actors.generator import Generator
 from larpo_ray.config import GenerationConfig, ModelConfig
 from larpo_ray.driver import sample_temperatures
 from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts, resolve_model
@@ -113,10 +113,6 @@ def perturbed_state(model, scale: float = 0.05) -> dict[str, np.ndarray]:
     }
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # what a tied learner sends
     return state
-
-
-def test_engines_registry_names_config_values():
-    assert set(ENGINES) == {"vllm", "hf"}
 
 
 def test_sample_temperatures():
