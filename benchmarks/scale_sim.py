@@ -1,6 +1,7 @@
 """Scale simulation: the real rollout driver against many simulated generator and reward actors.
 
-`RayRuntime.rollout` (larpo_ray/topology.py, with its fault-handling `_Dispatcher`) is the code
+`RayRuntime.rollout` (larpo_ray/topology.py, with its fault-handling `Dispatcher` in
+larpo_ray/dispatch.py) is the code
 under test: it dispatches prompt batches round-robin to the generator actors, sends each finished
 batch to a reward actor and collects the scored candidates. Here its actors are Ray actors of
 `SimGenerator` / `SimReward`, which implement
@@ -54,6 +55,7 @@ cpu_environment()
 
 from actors.reward import ScoreReport  # noqa: E402
 from larpo_ray.config import Config  # noqa: E402
+from larpo_ray.fleet import Fleet  # noqa: E402
 from larpo_ray.topology import RayRuntime, Runtime  # noqa: E402
 from larpo_ray.types import Candidate, Prompt, ScoredCandidate  # noqa: E402
 
@@ -177,8 +179,12 @@ class SimRuntime(RayRuntime):
         Runtime.__init__(self, cfg, learner=None)
         self.policy_path = "simulated"  # only read when an actor must be replaced (_spawn)
         self.log_dir = None  # simulated actors write no log files
-        self.generators, self.rewards = generators, rewards
-        self.stale, self.deaths = set(), {}
+        self.fleet = Fleet(
+            {"generator": generators, "reward": rewards},
+            spawn=self._spawn,
+            max_restarts=cfg.faults.actor_max_restarts,
+            fetch_weights=lambda: None,  # never asked: no weights are synced here
+        )
 
 
 def ideal_makespan(gen_busy: list[list[float]], reward_busy: list[list[float]]) -> float:

@@ -20,13 +20,13 @@ from actors.reward import RewardActor, ScoreReport
 from larpo_ray import plan
 from larpo_ray.actor_logs import log_path, redirect_output
 from larpo_ray.config import Config
+from larpo_ray.dispatch import Dispatcher
+from larpo_ray.fleet import Fleet
 from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
 from larpo_ray.storage import RunStorage
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
 
 ACTOR_START_TIMEOUT_S = 1800.0  # generators' and reward actors' start-up (vLLM loads the model)
-POLL_S = 1.0  # how often a rollout checks for hung actors
-RESTART_BACKOFF_S = 2.0  # wait before calling an actor Ray is restarting again
 
 
 @dataclass
@@ -72,7 +72,6 @@ class Runtime(ABC):
     def __init__(self, cfg: Config, learner) -> None:
         self.cfg = cfg
         self.learner = learner
-        self.weights: tuple[int, object] | None = None  # RayRuntime: what a restarted generator re-loads
 
     @abstractmethod
     def rollout(
@@ -164,6 +163,8 @@ class RayRuntime(Runtime):
     re-loads the current weight version. Results are kept per batch, so no prompt is lost or
     counted twice, and with a seed a re-dispatched batch yields the very same candidates. An error
     raised by the work itself (e.g. a prompt too long) is not retried: it stops the rollout.
+    Actor health is `self.fleet` (larpo_ray/fleet.py); a rollout's calls, a `Dispatcher`
+    (larpo_ray/dispatch.py).
     """
 
     def __init__(self, cfg: Config, policy_path: str, with_learner: bool = True, run: RunStorage | None = None) -> None:
@@ -171,14 +172,25 @@ class RayRuntime(Runtime):
 
         checkpoints, log_dir = _in(run, "checkpoints"), _in(run, "logs")
         self.cfg, self.policy_path, self.log_dir = cfg, policy_path, log_dir
-        self.generators = [self._spawn("generator", i) for i in range(cfg.generation.num_generators)]
-        self.rewards = [self._spawn("reward", i) for i in range(cfg.reward.num_actors)]
+        sizes = {"generator": cfg.generation.num_generators, "reward": cfg.reward.num_actors}
+        self.fleet = Fleet(  # the actors, their deaths and replacements, the generators' weight versions
+            {role: [self._spawn(role, i) for i in range(n)] for role, n in sizes.items()},
+            spawn=self._spawn,
+            max_restarts=cfg.faults.actor_max_restarts,
+            fetch_weights=lambda: self.learner.get_weights(),  # after a gloo / nccl sync, when first needed
+        )
         ray.get([a.ping.remote() for a in self.generators + self.rewards], timeout=ACTOR_START_TIMEOUT_S)
         super().__init__(cfg, RayLearnerGroup(policy_path, cfg, checkpoints, log_dir, run) if with_learner else None)
-        self.stale: set[int] = set()  # generators that must re-load self.weights before generating
-        self.deaths: dict[tuple[str, int], int] = {}  # (role, slot) -> deaths of its current actor
         self._weight_group: tuple | None = None  # gloo / nccl: (learner epoch, generator pids) it was opened for
         self._weight_meta: list | None = None  # what the learner broadcasts (names, shapes, dtypes)
+
+    @property
+    def generators(self) -> list:
+        return self.fleet.actors("generator")
+
+    @property
+    def rewards(self) -> list:
+        return self.fleet.actors("reward")
 
     def _spawn(self, role: str, slot: int):
         """A new generator or reward actor for `slot` with its resources (plan.py), restart policy
@@ -219,7 +231,8 @@ class RayRuntime(Runtime):
         self, prompts, temperatures, iteration, max_new_tokens=None, on_batch=None, seed=None, batch_prompts=None
     ) -> Rollout:
         work = batches(prompts, batch_prompts or self.cfg.generation.batch_prompts)
-        pool = _Dispatcher(self, work, temperatures, iteration, max_new_tokens, seed)
+        args = (temperatures, max_new_tokens, seed)
+        pool = Dispatcher(self.fleet, self.cfg.faults, self.log_file, work, args, iteration)
         for b in range(len(work)):
             pool.generate(b)
         out = Rollout()
@@ -234,29 +247,20 @@ class RayRuntime(Runtime):
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        self.weights = (version, weights)  # an ObjectRef: kept for generators that restart later
+        self.fleet.set_weights(version, weights)  # an ObjectRef: kept for generators that restart later
         refs = [g.load_weights.remote(version, weights) for g in self.generators]
         reports = []
         for i, ref in enumerate(refs):
             try:
                 reports.append(ray.get(ref, timeout=self.cfg.faults.call_timeout_s))
-                self.stale.discard(i)
+                self.fleet.loaded(i, version)
             except (RayActorError, GetTimeoutError) as err:
                 warnings.warn(
                     f"generator {i} could not load weights version {version} ({type(err).__name__}); "
                     f"it will load them before its next batch"
                 )
-                self.stale.add(i)
+                self.fleet.mark_stale(i)
         return reports
-
-    def current_weights(self) -> tuple[int, object]:
-        """(version, ObjectRef) for a generator that missed the last sync. After a gloo / nccl
-        sync no ref exists: it is fetched from the learner once, when first needed."""
-        version, ref = self.weights
-        if ref is None:
-            ref = self.learner.get_weights()
-            self.weights = (version, ref)
-        return version, ref
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """object_store: the learner's rank 0 puts numpy arrays once; every generator reads them
@@ -278,8 +282,9 @@ class RayRuntime(Runtime):
             self._weight_group = None
             return {**super().sync_weights(version), "fallbacks": 1.0}
         seconds = time.perf_counter() - start
-        self.weights = (version, None)
-        self.stale.clear()
+        self.fleet.set_weights(version, None)  # no ObjectRef: fetched if a generator restarts later
+        for i in range(len(reports)):
+            self.fleet.loaded(i, version)
         n_bytes = float(reports[0]["bytes"])
         return {
             "bytes": n_bytes,
@@ -338,190 +343,6 @@ class RayRuntime(Runtime):
 
 class WeightSyncFailed(RuntimeError):
     """A gloo / nccl broadcast did not reach every generator (RayRuntime falls back)."""
-
-
-class _Dispatcher:
-    """One rollout's generate and score calls over the runtime's actors, with fault handling."""
-
-    def __init__(
-        self, runtime: RayRuntime, work: list[list[Prompt]], temperatures, iteration, max_new_tokens, seed
-    ) -> None:
-        self.rt, self.work = runtime, work
-        self.args = (temperatures, max_new_tokens, seed)
-        self.iteration = iteration
-        self.calls: dict = {}  # ObjectRef -> (role, actor index, batch index, candidates, actor id)
-        self.attempts = [0] * len(work)
-        self.busy_since: dict[tuple[str, int], float] = {}  # (role, i) -> start of its current call
-        self.version = runtime.weights[0] if runtime.weights is not None else 0
-        self.down: set[tuple[str, int]] = set()  # actors whose last call failed
-        self.waiting: list[tuple] = []  # (due time, role, actor, batch, candidates): actor restarting
-        self.unavailable_since: dict[int, float] = {}  # batch -> first time its actor was restarting
-        self.faults: dict[str, int] = {}
-        self.next = {"generator": 0, "reward": 0}
-
-    def actors(self, role: str) -> list:
-        return self.rt.generators if role == "generator" else self.rt.rewards
-
-    def pick(self, role: str, avoid: int | None = None) -> int:
-        """Round-robin for first dispatches; after a failure the least busy other actor."""
-        actors = self.actors(role)
-        if avoid is None:
-            i = self.next[role] % len(actors)
-            self.next[role] += 1
-            return i
-        load = [sum(1 for r, a, *_ in self.calls.values() if (r, a) == (role, i)) for i in range(len(actors))]
-        order = sorted(range(len(actors)), key=lambda i: (i == avoid and len(actors) > 1, load[i]))
-        return order[0]
-
-    def submit(self, role: str, i: int, b: int, cands=None) -> None:
-        actor = self.actors(role)[i]
-        if role == "generator":
-            if i in self.rt.stale and self.rt.weights is not None:
-                actor.load_weights.remote(*self.rt.current_weights())  # ordered before the generate below
-            self.rt.stale.discard(i)
-            ref = actor.generate.remote(self.work[b], *self.args)
-        else:
-            ref = actor.score.remote({p.uid: p for p in self.work[b]}, cands, self.iteration)
-        self.busy_since.setdefault((role, i), time.monotonic())
-        self.calls[ref] = (role, i, b, cands, actor._actor_id)
-
-    def generate(self, b: int, avoid: int | None = None) -> None:
-        self.submit("generator", self.pick("generator", avoid), b)
-
-    def results(self, on_batch):
-        """Yield (batch index, candidates, ScoreReport) for every batch, in completion order."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
-
-        done: set[int] = set()
-        while self.calls or self.waiting:
-            self.resubmit_due()
-            ready, _ = ray.wait(list(self.calls), num_returns=1, timeout=POLL_S) if self.calls else ([], [])
-            if not ready:
-                if not self.calls:
-                    time.sleep(POLL_S)
-                self.kill_hung()
-                continue
-            ref = ready[0]
-            role, i, b, cands, actor_id = self.calls.pop(ref)
-            try:
-                value = ray.get(ref, timeout=0)
-            except (RayActorError, GetTimeoutError) as err:
-                if actor_id == self.actors(role)[i]._actor_id:  # not an actor replaced since
-                    self.actor_down(role, i)
-                if isinstance(err, ActorUnavailableError) and self.still_patient(b):
-                    # Ray is restarting it: the call may not have run; go elsewhere now, or wait
-                    # for the restart when it is the only actor, without using an attempt
-                    self.count(f"{role}_unavailable")
-                    alone = len(self.actors(role)) == 1
-                    self.waiting.append((time.monotonic() + RESTART_BACKOFF_S * alone, role, i, b, cands))
-                else:
-                    self.retry(role, i, b, cands, err)
-                continue
-            self.progress(role, i)
-            self.down.discard((role, i))
-            if role == "generator" and any(c.policy_version != self.version for c in value):
-                # restarted between calls (no call failed): it held the initial weights
-                self.count("generator_stale_weights")
-                self.rt.stale.add(i)
-                self.retry(
-                    role,
-                    i,
-                    b,
-                    cands,
-                    RuntimeError(
-                        f"generator {i} answered with weights "
-                        f"version {value[0].policy_version}, expected {self.version}"
-                    ),
-                )
-                continue
-            if role == "generator":
-                self.submit("reward", self.pick("reward"), b, value)
-                if on_batch:
-                    on_batch(len(self.work[b]))
-            elif b not in done:
-                done.add(b)
-                yield b, cands, value
-        if len(done) != len(self.work):  # cannot happen: every failure re-dispatches or raises
-            raise RuntimeError(f"rollout finished {len(done)} of {len(self.work)} batches")
-
-    def progress(self, role: str, i: int) -> None:
-        """Actor (role, i) finished a call: its next call (if any) starts now."""
-        if any((r, a) == (role, i) for r, a, *_ in self.calls.values()):
-            self.busy_since[(role, i)] = time.monotonic()
-        else:
-            self.busy_since.pop((role, i), None)
-
-    def kill_hung(self) -> None:
-        """Kill (for a restart) every actor busy with one call for over faults.call_timeout_s."""
-        import ray
-
-        limit = self.rt.cfg.faults.call_timeout_s
-        for (role, i), since in list(self.busy_since.items()):
-            if time.monotonic() - since > limit:
-                self.count(f"{role}_timeouts")
-                warnings.warn(
-                    f"{role} actor {i} returned nothing for {limit:.0f} s "
-                    f"(faults.call_timeout_s): killing it for a restart and re-dispatching its work"
-                )
-                ray.kill(self.actors(role)[i], no_restart=False)
-                self.busy_since[(role, i)] = time.monotonic()  # its calls now fail, not time out again
-
-    def actor_down(self, role: str, i: int) -> None:
-        """Actor (role, i) died (a call failed): count the death once, however many of its calls
-        fail; a generator's weights are gone; past its restarts, a new actor takes the slot."""
-        key = (role, i)
-        if key not in self.down:
-            self.down.add(key)
-            self.count(f"{role}_failures")
-            self.rt.deaths[key] = self.rt.deaths.get(key, 0) + 1
-        if role == "generator":
-            self.rt.stale.add(i)
-        if self.rt.deaths[key] > self.rt.cfg.faults.actor_max_restarts:  # out of restarts: replace
-            self.actors(role)[i] = self.rt._spawn(role, i)
-            self.rt.deaths[key] = 0
-            self.down.discard(key)
-            self.count(f"{role}_replaced")
-        self.progress(role, i)
-
-    def still_patient(self, b: int) -> bool:
-        """Whether batch b may keep waiting for a restarting actor (up to faults.call_timeout_s)."""
-        first = self.unavailable_since.setdefault(b, time.monotonic())
-        return time.monotonic() - first < self.rt.cfg.faults.call_timeout_s
-
-    def resubmit_due(self) -> None:
-        """Send the calls that waited for a restarting actor whose wait is over."""
-        now, later = time.monotonic(), []
-        for entry in self.waiting:
-            due, role, i, b, cands = entry
-            if due > now:
-                later.append(entry)
-            else:
-                self.redispatch(role, i, b, cands)
-        self.waiting = later
-
-    def retry(self, role: str, i: int, b: int, cands, err: Exception) -> None:
-        """Send batch b's failed call to another actor, unless it has failed max_attempts times."""
-        self.attempts[b] += 1
-        if self.attempts[b] >= self.rt.cfg.faults.max_attempts:
-            raise RuntimeError(
-                f"prompt batch {b} ({len(self.work[b])} prompts) failed "
-                f"{self.attempts[b]} times on {role} actors (last: {type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0]}); raise faults.max_attempts or check "
-                f"the actors' logs (last: {self.rt.log_file(role, i)})"
-            ) from err
-        self.redispatch(role, i, b, cands)
-
-    def redispatch(self, role: str, i: int, b: int, cands) -> None:
-        """Send batch b's call to the least busy actor of `role` other than i (if there is one)."""
-        self.count(f"{role}_redispatched")
-        if role == "generator":
-            self.generate(b, avoid=i)
-        else:
-            self.submit("reward", self.pick("reward", avoid=i), b, cands)
-
-    def count(self, key: str) -> None:
-        self.faults[key] = self.faults.get(key, 0) + 1
 
 
 def init_ray(cfg: Config) -> None:

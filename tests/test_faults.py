@@ -153,9 +153,7 @@ def test_generator_killed_mid_generation_is_restarted_and_reloads_weights(ray_lo
     attempt; with two they go to the other one."""
     rt = make(ray_local, {"generate": {2: "die"}}, actors=actors)
     try:
-        rt.weights = (3, "weights-v3")
-        for g in rt.generators:
-            ray_local.get(g.load_weights.remote(3, "weights-v3"))
+        rt.load_weights(3, "weights-v3")
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 3)  # the restarted generator loaded version 3 before generating
         assert out.faults["generator_failures"] == 1 and out.faults["generator_redispatched"] >= 1
@@ -229,7 +227,6 @@ def test_generator_restarted_between_rollouts_is_caught_by_its_weight_version(ra
     first answer carries version 0, so the batch is redone after a reload."""
     rt = make(ray_local, {})
     try:
-        rt.weights = (2, "weights-v2")
         rt.load_weights(2, "weights-v2")
         ray_local.kill(rt.generators[0], no_restart=False)  # restarted by Ray, weights lost
         time.sleep(1.0)
@@ -258,10 +255,9 @@ def test_weight_sync_survives_a_dead_generator(ray_local):
     try:
         ray_local.kill(rt.generators[1], no_restart=True)
         _wait_until_dead(ray_local, rt.generators[1])  # ray.kill is asynchronous: a call sent now may still land
-        rt.weights = (1, "weights-v1")
         with pytest.warns(UserWarning, match="could not load weights version 1"):
             reports = rt.load_weights(1, "weights-v1")
-        assert len(reports) == 1 and rt.stale == {1}
+        assert len(reports) == 1 and rt.fleet.stale_slots() == {1}
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 1)
     finally:
@@ -274,12 +270,11 @@ def test_weight_sync_to_a_restarting_generator(ray_local):
     rt = make(ray_local, {}, actor_max_restarts=2)
     try:
         ray_local.kill(rt.generators[1], no_restart=False)
-        rt.weights = (1, "weights-v1")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             reports = rt.load_weights(1, "weights-v1")
         warned = any("could not load weights version 1" in str(w.message) for w in caught)
-        assert (len(reports), rt.stale) == ((1, {1}) if warned else (2, set()))
+        assert (len(reports), rt.fleet.stale_slots()) == ((1, {1}) if warned else (2, set()))
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 1)
     finally:

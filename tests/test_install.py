@@ -66,6 +66,8 @@ def test_torchvision_is_absent_so_transformers_imports():
         "larpo_ray.tasks",
         "larpo_ray.types",
         "larpo_ray.config",
+        "larpo_ray.fleet",
+        "larpo_ray.dispatch",
         "actors",
     ],
 )

@@ -86,9 +86,9 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
 
         # A gloo sync leaves no ObjectRef: a generator that restarts later gets one fetched from
         # the learner on demand (the dispatcher calls current_weights before its next batch).
-        assert rt.weights == (1, None)
-        version, ref = rt.current_weights()
-        assert version == 1 and rt.weights == (1, ref)
+        assert rt.fleet.weights == (1, None)
+        version, ref = rt.fleet.current_weights()
+        assert version == 1 and rt.fleet.weights == (1, ref)
         learner = ray.get(ref)
 
         # 2. generator 1 dies; the rollout replaces it (faults.actor_max_restarts = 0); the next
@@ -114,7 +114,7 @@ def test_gloo_broadcast_reaches_every_generator_through_restarts_and_deaths(tiny
             r"falling back to the object store",
         ):
             sync = rt.sync_weights(3)
-        assert sync["fallbacks"] == 1 and rt.stale == {0}
+        assert sync["fallbacks"] == 1 and rt.fleet.stale_slots() == {0}
         assert ray.get(rt.generators[1].weights_version.remote()) == 3
 
         # 4. the rollout replaces generator 0 (it loads version 3 first); the next sync re-opens
