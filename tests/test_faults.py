@@ -1,4 +1,5 @@
-"""Fault handling of the rollout (larpo_ray/topology.py RayRuntime), with real Ray actors.
+"""Fault handling of the rollout (RayRuntime: larpo_ray/dispatch.py over larpo_ray/fleet.py), with
+real Ray actors.
 
 The actors here are small stand-ins with the generator and reward interfaces (no model), so each
 fault is exact and quick: a shared `Script` actor tells the n-th call to die (`os._exit`, the
