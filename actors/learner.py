@@ -3,8 +3,10 @@
 This is the inner loop of Algorithm 1 (docs/algorithm.md): with pi_ref = the policy at the start of the
 iteration (or the initial policy, `loss.reference = initial`), run `learner.epochs` epochs over the
 iteration's lists, minimising the ranking loss L(x, list; pi_theta, pi_ref); the weights carry over
-to the next iteration (no re-init). A plain class: `larpo_ray.learner_group` runs one in-process or
-one per Ray Train worker. Every rank receives the same global lists and derives its share itself.
+to the next iteration (no re-init). Plain classes: `larpo_ray.learner_group` runs one `LearnerWorker`
+in-process or one per Ray Train worker. Every rank receives the same global lists and derives its
+share itself. The worker trains; it composes a `WeightPublisher` (its weights out, to the object
+store or broadcast to the generators) and a `CheckpointIO` (HF folders and checkpoints).
 
 Data-parallel and accumulation arithmetic (larpo_ray/losses.py, "Data-parallel reduction"):
 - lists without a strict pair (all tied) are dropped first: they carry no gradient, and dropping
@@ -131,8 +133,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def frozen_initial(model, model_path: str, model_cfg: ModelConfig, resumed: bool, bf16: bool) -> torch.nn.Module:
+    """The frozen pi_0 of `loss.reference = initial`: a copy of the freshly loaded policy, or,
+    when `resumed` (the policy came from a checkpoint), the initial policy loaded again."""
+    initial = (
+        load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code) if resumed else copy.deepcopy(model)
+    )
+    disable_dropout(initial)
+    initial.requires_grad_(False).eval()
+    return initial.to(torch.bfloat16 if bf16 else model.dtype)
+
+
 class LearnerWorker:
-    """One data-parallel learner rank: a DeepSpeed engine around the policy, plus the reference."""
+    """One data-parallel learner rank: a DeepSpeed engine around the policy, plus the reference,
+    trained by `train_iteration`. Its weights leave through `publisher` (WeightPublisher) and its
+    files through `checkpoint_io` (CheckpointIO)."""
 
     def __init__(
         self,
@@ -150,7 +165,6 @@ class LearnerWorker:
         policy (the reference when loss.reference = initial)."""
         self.cfg, self.loss_cfg, self.seed = learner_cfg, loss_cfg, seed
         self.rank, self.world_size = rank, world_size
-        self._weight_store = self._weight_group = None  # rank 0's weight broadcast group, once opened
         init_distributed(world_size, "nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise RuntimeError(
@@ -170,14 +184,7 @@ class LearnerWorker:
         # Classic iterative DPO keeps pi_0 as reference [ours: knob]; the paper uses pi_s.
         self.initial = None
         if loss_cfg.reference == "initial":
-            initial = (
-                copy.deepcopy(model)
-                if resume_from is None
-                else load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code)
-            )
-            disable_dropout(initial)
-            self.initial = initial.requires_grad_(False).eval()
-            self.initial.to(torch.bfloat16 if bf16 else model.dtype)
+            self.initial = frozen_initial(model, model_path, model_cfg, resume_from is not None, bf16)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
@@ -189,10 +196,11 @@ class LearnerWorker:
             self.initial.to(self.engine.device)
         options = {name: getattr(loss_cfg, name) for name in LOSS_SPECS[loss_cfg.name].options}
         self.loss_fn = lambda *args: LOSSES[loss_cfg.name](*args, loss_cfg.beta, **options)
-        self.global_step = 0  # optimizer steps over all iterations (step_metrics' `step`)
+        self.publisher = WeightPublisher(self.engine.module, rank)  # weights out: object store, broadcast
+        self.checkpoint_io = CheckpointIO(self.engine, self.tokenizer, self.publisher, learner_cfg, rank, world_size)
+        # optimizer steps over all iterations (step_metrics' `step`)
+        self.global_step = self.checkpoint_io.load_checkpoint(resume_from) if resume_from is not None else 0
         self.last_reference_logps: list[list[float]] = []  # per input list of the last iteration
-        if resume_from is not None:
-            self._load_learner_state(resume_from)
 
     # ---- collectives ---------------------------------------------------------------------------
 
@@ -364,7 +372,22 @@ class LearnerWorker:
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
-    # ---- weights -------------------------------------------------------------------------------
+
+def _means(sums: Tensor) -> dict[str, float]:
+    """Global sums (ordered as _SUMS) to means, weighted as losses.py prescribes."""
+    values = dict(zip(_SUMS, sums.tolist()))
+    out = {k: v / max(values[_WEIGHT[k]], 1.0) if k in _WEIGHT else v for k, v in values.items()}
+    return out
+
+
+class WeightPublisher:
+    """How the policy's weights leave a rank: as numpy arrays (the object store, HF folders), or
+    broadcast by rank 0 to the generators' weight group (larpo_ray.weight_transport). Reading the
+    weights is collective: under ZeRO-3 every rank takes part in each parameter's gather."""
+
+    def __init__(self, module: torch.nn.Module, rank: int):
+        self.module, self.rank = module, rank
+        self._store = self._group = None  # rank 0's weight broadcast group, once opened
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """The policy's weights as numpy, keyed exactly like HF `state_dict()` (collective).
@@ -376,7 +399,7 @@ class LearnerWorker:
         """
         out: dict[str, np.ndarray] = {}
         by_id: dict[int, np.ndarray] = {}
-        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
             if id(tensor) not in by_id:
                 with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
                     data = tensor.detach()
@@ -385,12 +408,10 @@ class LearnerWorker:
             out[name] = by_id[id(tensor)]
         return out
 
-    # ---- weight broadcast (larpo_ray.weight_transport) -------------------------------------------
-
     def _unique_weights(self):
         """(name, tensor) of the state dict, each tensor once (a tied head goes as the embedding)."""
         seen: set[int] = set()
-        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield name, tensor
@@ -402,23 +423,21 @@ class LearnerWorker:
     def open_weight_group(self, timeout_s: float) -> int:
         """Rank 0: serve the rendezvous store of a new weight group; its port."""
         self.close_weight_group()
-        self._weight_store, port = weight_transport.open_endpoint(timeout_s)
+        self._store, port = weight_transport.open_endpoint(timeout_s)
         return port
 
     def join_weight_group(self, world_size: int, backend: str, timeout_s: float) -> str | None:
         """Rank 0: join as the sender once every generator joined; None, or why it could not (a
         generator that never came: reported, not raised, so the learner group stays up)."""
         try:
-            self._weight_group = weight_transport.join(
-                "", 0, 0, world_size, backend, timeout_s, store=self._weight_store
-            )
+            self._group = weight_transport.join("", 0, 0, world_size, backend, timeout_s, store=self._store)
         except RuntimeError as err:  # gloo's connect timeout / a peer that went away
             self.close_weight_group()
             return f"{type(err).__name__}: {err}"
         return None
 
     def close_weight_group(self) -> None:
-        self._weight_group = self._weight_store = None
+        self._group = self._store = None
 
     def broadcast_weights(self, meta: list[weight_transport.TensorMeta], bucket_bytes: int) -> dict:
         """Rank 0 broadcasts the policy to the weight group; every rank must call it (ZeRO-3
@@ -433,7 +452,7 @@ class LearnerWorker:
                     yield name, tensor.detach().clone() if hasattr(tensor, "ds_id") else tensor.detach()
 
         source = gathered()
-        if self.rank != 0 or self._weight_group is None:
+        if self.rank != 0 or self._group is None:
             for _ in source:  # only the collective gathers
                 pass
             return {
@@ -442,7 +461,7 @@ class LearnerWorker:
                 "error": None if self.rank != 0 else "no weight group: open and join one first",
             }
         try:
-            n_bytes, error = weight_transport.send(self._weight_group, meta, source, bucket_bytes), None
+            n_bytes, error = weight_transport.send(self._group, meta, source, bucket_bytes), None
         except (RuntimeError, ValueError) as err:  # gloo/NCCL errors are RuntimeErrors
             n_bytes, error = 0, f"{type(err).__name__}: {err}"
             self.close_weight_group()
@@ -450,13 +469,23 @@ class LearnerWorker:
                 pass
         return {"bytes": n_bytes, "seconds": time.perf_counter() - start, "error": error}
 
+
+class CheckpointIO:
+    """A rank's files: the policy as an HF folder (rank 0), and checkpoints (larpo_ray.checkpoint)
+    of the policy, this rank's optimizer state and the step count, written and resumed from.
+    Writing is collective: every rank gathers the weights, then all meet at a barrier."""
+
+    def __init__(self, engine, tokenizer, publisher: WeightPublisher, cfg: LearnerConfig, rank: int, world_size: int):
+        self.engine, self.tokenizer, self.publisher = engine, tokenizer, publisher
+        self.zero_stage, self.rank, self.world_size = cfg.zero_stage, rank, world_size
+
     def save_pretrained(self, path: str | Path) -> None:
         """An HF folder (safetensors + tokenizer) at `path`, written by rank 0 (collective).
 
         Written to a temporary sibling folder and renamed into place, so readers never see half
         a checkpoint; an existing folder at `path` is replaced.
         """
-        weights = self.get_weights()
+        weights = self.publisher.get_weights()
         if self.rank == 0:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,8 +503,6 @@ class LearnerWorker:
         if self.world_size > 1:
             dist.barrier()
 
-    # ---- checkpoints -----------------------------------------------------------------------------
-
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer under DeepSpeed's wrappers (ZeRO 1-3 and bf16 keep it in
         `.optimizer`; its parameters are this rank's fp32 partitions)."""
@@ -483,16 +510,16 @@ class LearnerWorker:
         inner = getattr(opt, "optimizer", None)
         return inner if isinstance(inner, torch.optim.Optimizer) else opt
 
-    def save_checkpoint(self, path: str | Path, with_optimizer: bool = True) -> None:
+    def save_checkpoint(self, path: str | Path, with_optimizer: bool, global_step: int) -> None:
         """The policy as `path/policy` (rank 0) and this rank's optimizer state and step count
         as `path/learner/rank-R.*` (collective). With fp32 weights the resume is exact; with bf16
         the fp32 master weights restart from the saved bf16 policy [ours: documented limit]."""
         path = Path(path)
         self.save_pretrained(path / "policy")
         extra = {
-            "global_step": self.global_step,
+            "global_step": global_step,
             "world_size": self.world_size,
-            "zero_stage": self.cfg.zero_stage,
+            "zero_stage": self.zero_stage,
             "has_optimizer": with_optimizer,
         }
         if with_optimizer:
@@ -503,7 +530,9 @@ class LearnerWorker:
         if self.world_size > 1:
             dist.barrier()
 
-    def _load_learner_state(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path) -> int:
+        """This rank's optimizer state from checkpoint `path` (its policy is already loaded: the
+        engine was built on `path/policy`); returns the saved step count."""
         meta_path = path / "learner" / f"rank-{self.rank}.json"
         if not meta_path.is_file():
             raise RuntimeError(
@@ -511,20 +540,13 @@ class LearnerWorker:
                 f"({meta_path}): resume with the learner.num_workers it was written with"
             )
         meta = json.loads(meta_path.read_text())
-        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.cfg.zero_stage):
+        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.zero_stage):
             raise RuntimeError(
                 f"checkpoint {path} was written by {meta['world_size']} learner "
                 f"workers at ZeRO stage {meta['zero_stage']}; this group has "
-                f"{self.world_size} at stage {self.cfg.zero_stage}: resume with "
+                f"{self.world_size} at stage {self.zero_stage}: resume with "
                 f"the same learner.num_workers and learner.zero_stage"
             )
         if meta["has_optimizer"]:
             load_optimizer(self._base_optimizer(), path / "learner", self.rank)
-        self.global_step = int(meta["global_step"])
-
-
-def _means(sums: Tensor) -> dict[str, float]:
-    """Global sums (ordered as _SUMS) to means, weighted as losses.py prescribes."""
-    values = dict(zip(_SUMS, sums.tolist()))
-    out = {k: v / max(values[_WEIGHT[k]], 1.0) if k in _WEIGHT else v for k, v in values.items()}
-    return out
+        return int(meta["global_step"])

@@ -50,7 +50,7 @@ NOT_AVAILABLE = {
 
 
 def policy_weights(path: str) -> dict:
-    """The model's state dict as numpy, tied tensors sharing one array (as LearnerWorker.get_weights)."""
+    """The model's state dict as numpy, tied tensors sharing one array (as actors.learner.WeightPublisher)."""
     from larpo_ray.models import load_causal_lm
 
     model = load_causal_lm(path)
