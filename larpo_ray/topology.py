@@ -22,7 +22,7 @@ from larpo_ray.actor_logs import log_path, redirect_output
 from larpo_ray.config import Config
 from larpo_ray.dispatch import Dispatcher
 from larpo_ray.fleet import Fleet
-from larpo_ray.learner_group import LocalLearnerGroup, RayLearnerGroup
+from larpo_ray.learner_group import LearnerGroup, LocalLearnerGroup, RayLearnerGroup
 from larpo_ray.storage import RunStorage
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate, TrainResult
 
@@ -69,7 +69,7 @@ def batches(prompts: Sequence[Prompt], size: int) -> list[list[Prompt]]:
 class Runtime(ABC):
     """The roles of one run. Subclasses differ only in where the roles execute."""
 
-    def __init__(self, cfg: Config, learner) -> None:
+    def __init__(self, cfg: Config, learner: LearnerGroup | None) -> None:
         self.cfg = cfg
         self.learner = learner
 
