@@ -93,7 +93,7 @@ def test_ray_job_submit_runs_the_tiny_preset_where_the_console_says(tmp_path):
         console = _submit(["--", "python", "-m", "larpo_ray.run", "--preset", "tiny"], env)
         run_dir = run_folder_from_console(console)
         assert run_dir.parent == ROOT / "runs"
-        check_run_folder(run_dir, 2, Path(temp_dir))
+        check_run_folder(run_dir, 3, Path(temp_dir))  # the tiny preset's 3 iterations
         _submit(
             [
                 "--",
@@ -103,11 +103,11 @@ def test_ray_job_submit_runs_the_tiny_preset_where_the_console_says(tmp_path):
                 "--resume",
                 str(run_dir.relative_to(ROOT)),
                 "--loop.iterations",
-                "3",
+                "4",
             ],
             env,
         )
-        check_run_folder(run_dir, 3, Path(temp_dir))
+        check_run_folder(run_dir, 4, Path(temp_dir))
 
         console = _submit(
             ["--working-dir", ".", "--", "python", "-m", "larpo_ray.run", "--preset", "tiny", "--loop.iterations", "1"],

@@ -62,15 +62,15 @@ def test_cli_default_run_folder_is_where_the_console_says_and_resumes(tmp_path, 
     assert len(lines) <= MAX_CONSOLE_LINES, "\n".join(lines)
     assert not any("pid=" in ln for ln in lines), "actor output reached the quiet console"
     assert f"python -m larpo_ray.run --resume {run_dir}" in proc.stdout
-    check_run_folder(run_dir, 2, ray_temp)
+    check_run_folder(run_dir, 3, ray_temp)  # the tiny preset's 3 iterations
     # resume from another directory, naming the folder relative to it
     relative = os.path.relpath(run_dir, elsewhere)
     _run(
-        [sys.executable, "-m", "larpo_ray.run", "--resume", relative, "--loop.iterations", "3"],
+        [sys.executable, "-m", "larpo_ray.run", "--resume", relative, "--loop.iterations", "4"],
         elsewhere,
         _env(ray_temp),
     )
-    check_run_folder(run_dir, 3, ray_temp)
+    check_run_folder(run_dir, 4, ray_temp)
     assert not (elsewhere / "runs").exists()
 
 
@@ -80,9 +80,9 @@ def test_make_run_tiny_from_the_repo_root(ray_temp):
     run_dir = run_folder_from_console(proc.stdout)
     try:
         assert run_dir.parent == ROOT / "runs"
-        check_run_folder(run_dir, 2, ray_temp)
-        _run(["make", "run", f"ARGS=--resume {run_dir.relative_to(ROOT)} --loop.iterations 3"], ROOT, env)
         check_run_folder(run_dir, 3, ray_temp)
+        _run(["make", "run", f"ARGS=--resume {run_dir.relative_to(ROOT)} --loop.iterations 4"], ROOT, env)
+        check_run_folder(run_dir, 4, ray_temp)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
