@@ -31,6 +31,8 @@ def ray_run(tmp_path_factory):
             "false",
             "--generation.weight_transport",
             "gloo",
+            "--loop.iterations",
+            "2",
         ],
     )
     session = start(cfg, run_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["--preset", "tiny", "--logging.progress", "false", "--loop.save_model", "false"]
+BASE = ["--preset", "tiny", "--loop.iterations", "2", "--logging.progress", "false", "--loop.save_model", "false"]
 pytestmark = pytest.mark.slow
 
 
