@@ -88,20 +88,28 @@ class ModelConfig(Group):
 @dataclass
 class DataConfig(Group):
     source: str = knob(
-        "builtin:arithmetic", "prompts: 'builtin:arithmetic', a .jsonl/.json/.parquet file, or a datasets name"
+        "builtin:arithmetic",
+        "prompts: 'builtin:arithmetic', a .jsonl/.json/.parquet file (local or hf://datasets/ORG/NAME/PATH), or a "
+        "datasets name ('name', 'name:split' or 'name:config:split')",
     )
     eval_source: str | None = knob(
         None,
         "held-out prompts (same formats); None: the built-in held-out split, or the last data.num_eval rows of source",
     )
-    split: str = knob("train", "split name when source is a datasets name")
+    split: str = knob("train", "split name when a datasets name does not give one")
     levels: list[int] = knob(
         [1, 2], "difficulty levels of the built-in task (1: a+-b <= 19, 2: two-digit, 3: word problem, 4: two-step)"
     )
     num_train: int = knob(512, "training prompts to use (0: all rows of a file)")
     num_eval: int = knob(200, "held-out prompts to evaluate on")
     prompt_column: str = knob("prompt", "column holding a plain-text prompt")
-    messages_column: str = knob("messages", "column holding a chat as a list of {role, content} (used when present)")
+    eval_prompt_column: str | None = knob(
+        None, "prompt column of data.eval_source when it differs (AlpacaEval: instruction); None: data.prompt_column"
+    )
+    messages_column: str = knob(
+        "messages",
+        "column holding a chat as a list of {role, content} (used when present; cut after its last user message)",
+    )
     answer_column: str = knob("answer", "optional column with the reference answer for verifiable rewards")
     system_prompt: str | None = knob(None, "system message put before every prompt")
     max_prompt_tokens: int = knob(256, "prompts longer than this (after the chat template) are bad rows")
@@ -117,6 +125,11 @@ class DataConfig(Group):
         self._require(self.num_train >= 0, "num_train", ">= 0")
         self._require(self.num_eval >= 0, "num_eval", ">= 0")
         self._require(self.max_prompt_tokens >= 1, "max_prompt_tokens", ">= 1")
+        self._require(
+            self.eval_prompt_column is None or self.eval_source is not None,
+            "eval_prompt_column",
+            "None unless data.eval_source is set (held-out rows of data.source use data.prompt_column)",
+        )
 
 
 @dataclass

@@ -3,13 +3,20 @@
 `load_prompts(cfg.data, tokenizer)` reads training and held-out prompts from one of
   - `builtin:arithmetic`: the generated task of `larpo_ray.tasks` (verifiable numeric answers);
   - a `.jsonl` file (one object per line), a `.json` file (one list of objects) or a `.parquet` file;
+  - such a file in a hub dataset repository, `hf://datasets/ORG/NAME[@REVISION]/PATH` (fetched
+    into the HF cache; e.g. AlpacaEval's `hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json`);
   - a `datasets.load_dataset(name, split=data.split)` name; `name:split` overrides the split
-    (e.g. `eval_source: org/set:test`). Offline, a hub dataset must already be in the cache.
+    (e.g. `eval_source: org/set:test`) and `name:config:split` also names the config (e.g.
+    `openai/gsm8k:main:test`). Offline, a hub dataset or file must already be in the cache.
 A row holds a plain-text prompt column (one user message) or a chat messages column (a list of
-{role, content} ending with a user message; used when present), plus an optional reference answer
-(numbers become strings; a number is matched numerically, a text answer such as "Paris" as a
-normalised string: `tasks.answers_match`). Column names: data.prompt_column / messages_column /
-answer_column.
+{role, content}; used when present), plus an optional reference answer (numbers become strings;
+a number is matched numerically, a text answer such as "Paris" as a normalised string, GSM8K's
+"rationale #### 72" as 72: `tasks.answers_match`). A chat is the prompt up to and including its
+last user message: what follows (the assistant's reply of a preference or SFT set such as
+UltraFeedback's `messages`) is dropped, so the policy answers the user itself; a chat without a
+user message is a bad row. Column names: data.prompt_column / messages_column / answer_column,
+and data.eval_prompt_column for held-out rows whose prompt column differs (AlpacaEval's
+`instruction`).
 
 Held-out prompts: `data.eval_source` if set (capped at data.num_eval if > 0), else the built-in
 eval split, else the last data.num_eval rows of the source (after dedup, in file order). A prompt's
@@ -25,7 +32,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from larpo_ray.tasks import format_question, make_splits
 from larpo_ray.types import Prompt
 
 BUILTINS = ("builtin:arithmetic",)
+HUB_FILE = "hf://datasets/"  # a data file in a hub dataset repository
 SKIP_HINT = "or set data.skip_bad_rows = true to skip such rows"
 
 
@@ -107,7 +115,8 @@ def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
     else:
         train = _to_prompts(*_read_source(cfg.source, cfg.split), cfg, tokenizer, report.train)
     if cfg.eval_source is not None:
-        evals = _to_prompts(*_read_source(cfg.eval_source, cfg.split), cfg, tokenizer, report.eval)[
+        eval_cfg = replace(cfg, prompt_column=cfg.eval_prompt_column or cfg.prompt_column)
+        evals = _to_prompts(*_read_source(cfg.eval_source, cfg.split), eval_cfg, tokenizer, report.eval)[
             : cfg.num_eval or None
         ]
     elif builtin:
@@ -179,6 +188,8 @@ def _read_source(source: str, split: str) -> tuple[str, str, list[_Row]]:
     """(where, row unit, rows) of a file or a datasets name."""
     if source.startswith("builtin:"):
         raise DataError(f"{source!r} can only be data.source; leave data.eval_source unset to use its eval split")
+    if source.startswith(HUB_FILE):
+        return _read_hub_file(source)
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix in _READERS or path.is_file():
@@ -192,8 +203,13 @@ def _read_source(source: str, split: str) -> tuple[str, str, list[_Row]]:
                 f"{path}: unsupported file type {suffix!r}; supported: {', '.join(_READERS)} "
                 f"(or a datasets name, or {', '.join(BUILTINS)})"
             )
-        return str(path), "line" if suffix == ".jsonl" else "row", _READERS[suffix](path)
+        return _read_file(path, str(path))
     return _read_hub(source, split)
+
+
+def _read_file(path: Path, where: str) -> tuple[str, str, list[_Row]]:
+    suffix = path.suffix.lower()
+    return where, "line" if suffix == ".jsonl" else "row", _READERS[suffix](path)
 
 
 def _read_jsonl(path: Path) -> list[_Row]:
@@ -266,20 +282,49 @@ _READERS: dict[str, Callable[[Path], list[_Row]]] = {
 }
 
 
+def _read_hub_file(source: str) -> tuple[str, str, list[_Row]]:
+    """`hf://datasets/ORG/NAME[@REVISION]/PATH`: a data file of a hub dataset repository, fetched
+    into the HF cache and read like a local file (for sets whose repository holds a loading script,
+    which `datasets` >= 4 no longer runs, such as AlpacaEval's)."""
+    owner, _, rest = source.removeprefix(HUB_FILE).partition("/")
+    name, _, filename = rest.partition("/")
+    name, _, revision = name.partition("@")
+    repo_id, suffix = f"{owner}/{name}", Path(filename).suffix.lower()
+    if not (owner and name and filename) or suffix not in _READERS:
+        raise DataError(
+            f"{source!r} is not a hub data file: write hf://datasets/ORG/NAME[@REVISION]/PATH with PATH a "
+            f"{'/'.join(_READERS)} file"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision or None)
+    except Exception as err:  # offline, missing repo or file, network: all mean "not readable"
+        raise DataError(
+            f"could not fetch {source} ({type(err).__name__}: {err}). Offline (HF_HUB_OFFLINE=1) it must already "
+            f"be cached (where there is network: hf download {repo_id} {filename} --repo-type dataset); or "
+            f"download it and set the data source to the local path"
+        ) from None
+    return _read_file(Path(local), source)
+
+
 def _read_hub(source: str, default_split: str) -> tuple[str, str, list[_Row]]:
-    """A `datasets` name (hub id or loadable folder), `name:split` choosing the split."""
-    name, _, split = source.partition(":")
+    """A `datasets` name (hub id or loadable folder): `name:split`, or `name:config:split` for sets
+    with several configs (GSM8K's `main`)."""
+    name, _, rest = source.partition(":")
+    config, _, split = rest.rpartition(":")
     split = split or default_split
-    where = f"dataset {name!r} (split {split!r})"
+    where = f"dataset {name!r} ({f'config {config!r}, ' if config else ''}split {split!r})"
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # hub, cache and builder errors come in many types; all mean "not loadable"
         raise DataError(
             f"could not load {where} with datasets.load_dataset ({type(err).__name__}: {err}). "
-            f"Offline (HF_HUB_OFFLINE=1) a hub dataset must already be cached; or export it to a "
-            f"local {'/'.join(_READERS)} file and set data.source to its path"
+            f"Name the config of a set that has several as name:config:split; offline (HF_HUB_OFFLINE=1) a hub "
+            f"dataset must already be cached; or export it to a local {'/'.join(_READERS)} file and set the data "
+            "source to its path"
         ) from None
     return where, "row", [(i, row, None) for i, row in enumerate(ds, start=1)]
 
@@ -365,7 +410,7 @@ def _make_prompt(row: Any, uid: str | None, cfg: DataConfig, tokenizer: Any) -> 
 def _row_messages(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     """The row's chat: its messages column if present, else its prompt as one user message."""
     if row.get(cfg.messages_column) is not None:
-        return _check_chat(row[cfg.messages_column], cfg.messages_column)
+        return _prompt_chat(row[cfg.messages_column], cfg.messages_column)
     text = row.get(cfg.prompt_column)
     if text is None:
         raise _BadRow(
@@ -384,8 +429,11 @@ def _row_messages(row: dict, cfg: DataConfig) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def _check_chat(chat: Any, column: str) -> list[dict[str, str]]:
-    fix = f'make {column!r} a list of {{"role": str, "content": str}} objects ending with a user message'
+def _prompt_chat(chat: Any, column: str) -> list[dict[str, str]]:
+    """The chat up to and including its last user message. Preference and SFT sets store the
+    whole conversation (UltraFeedback's `messages` ends with the chosen reply); the prompt is what
+    the user asked, and the policy writes the reply."""
+    fix = f'make {column!r} a list of {{"role": str, "content": str}} objects with a user message'
     if not isinstance(chat, (list, tuple)) or not chat:
         raise _BadRow("bad_messages", f"{column!r} is not a non-empty list", fix)
     out = []
@@ -393,8 +441,11 @@ def _check_chat(chat: Any, column: str) -> list[dict[str, str]]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _BadRow("bad_messages", f"{column}[{j}] is not a {{role, content}} object of strings", fix)
         out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user":
-        raise _BadRow("bad_messages", f"the chat ends with a message of role {out[-1]['role']!r}, not 'user'", fix)
+    users = [j for j, m in enumerate(out) if m["role"] == "user"]
+    if not users:
+        roles = [m["role"] for m in out]
+        raise _BadRow("bad_messages", f"the chat has no message of role 'user' (roles: {roles})", fix)
+    out = out[: users[-1] + 1]
     if not out[-1]["content"].strip():
         raise _BadRow("empty_prompt", "the last user message is empty", "write the prompt text or drop the row")
     return out

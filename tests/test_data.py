@@ -2,11 +2,12 @@
 
 import json
 
+import published_data as pub
 import pytest
 
-from larpo_ray.config import DataConfig
+from larpo_ray.config import ConfigError, DataConfig
 from larpo_ray.data import DataError, load_prompts, prompt_uid
-from larpo_ray.tasks import format_question, make_splits
+from larpo_ray.tasks import format_question, make_splits, reference_answer
 
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -141,6 +142,90 @@ def test_eval_source_and_overlap_removed_from_train(tmp_path, tok):
     assert len(load_prompts(cfg(train, eval_source=str(evals), num_eval=2), tok).eval) == 2
 
 
+def test_a_chat_is_cut_after_its_last_user_message(tmp_path, tok):
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "own"},
+                {"role": "user", "content": "a?"},
+                {"role": "assistant", "content": "b."},
+                {"role": "user", "content": "c?"},
+                {"role": "assistant", "content": "d."},
+            ]
+        },
+        {"prompt": "plain"},
+    ]
+    out = load_prompts(cfg(write_jsonl(tmp_path / "p.jsonl", rows)), tok)
+    assert out.train[0].messages == (("user", "hi"),) and "hello!" not in out.train[0].text
+    assert out.train[0].uid == prompt_uid([{"role": "user", "content": "hi"}])  # the same prompt, the same uid
+    assert out.train[1].messages == (("system", "own"), ("user", "a?"), ("assistant", "b."), ("user", "c?"))
+    assert out.train[1].text.endswith("c?<|im_end|>\n<|im_start|>assistant\n") and "d." not in out.train[1].text
+
+
+def test_ultrafeedback_rows_are_their_user_prompt(tmp_path, tok):
+    """The published schema: `messages` (the chosen chat, ending with the reply) beside `prompt`."""
+    train = pub.write_ultrafeedback(tmp_path / "train_prefs.parquet", "train_prefs")
+    test = pub.write_ultrafeedback(tmp_path / "test_prefs.parquet", "test_prefs")
+    out = load_prompts(cfg(train, eval_source=str(test), num_eval=0, max_prompt_tokens=512), tok)
+    assert [p.messages for p in out.train] == [(("user", q),) for q in pub.UF_PROMPTS["train_prefs"]]
+    assert [p.messages for p in out.eval] == [(("user", q),) for q in pub.UF_PROMPTS["test_prefs"]]
+    assert not any("answer to:" in p.text for p in out.train + out.eval)  # no chosen or rejected reply
+    assert all(p.answer is None for p in out.train + out.eval)
+    by_prompt = load_prompts(cfg(train, messages_column="none", num_eval=2, max_prompt_tokens=512), tok)
+    assert [p.uid for p in by_prompt.train + by_prompt.eval] == [p.uid for p in out.train]
+
+
+def test_gsm8k_answers_are_the_numbers_after_the_hashes(tmp_path, tok):
+    train = pub.write_gsm8k(tmp_path / "train.parquet", "train")
+    test = pub.write_gsm8k(tmp_path / "test.parquet", "test")
+    c = cfg(train, eval_source=str(test), num_eval=0, prompt_column="question", max_prompt_tokens=512)
+    out = load_prompts(c, tok)
+    for prompts, split in ((out.train, "train"), (out.eval, "test")):
+        assert [p.messages for p in prompts] == [(("user", q),) for q, _ in pub.GSM8K_ROWS[split]]
+        assert [reference_answer(p.answer) for p in prompts] == [pub.gsm8k_answer(a) for _, a in pub.GSM8K_ROWS[split]]
+    assert [reference_answer(p.answer) for p in out.eval] == ["33", "270", "3600"]
+
+
+def test_alpaca_eval_instructions_as_eval_source(tmp_path, tok):
+    train = pub.write_ultrafeedback(tmp_path / "train_prefs.parquet", "train_prefs")
+    alpaca = pub.write_alpaca_eval(tmp_path / "alpaca_eval.json")
+    c = cfg(train, eval_source=str(alpaca), eval_prompt_column="instruction", num_eval=0, max_prompt_tokens=512)
+    out = load_prompts(c, tok)
+    assert [p.messages for p in out.eval] == [(("user", q),) for q, _ in pub.ALPACA_EVAL_ROWS]
+    assert all(p.answer is None for p in out.eval)  # `output` is a reference model's reply, not an answer
+    assert len(out.train) == len(pub.UF_PROMPTS["train_prefs"])
+    with pytest.raises(DataError, match=r"alpaca_eval\.json: rows have neither a 'prompt' nor"):
+        load_prompts(cfg(train, eval_source=str(alpaca), num_eval=0, max_prompt_tokens=512), tok)
+    with pytest.raises(ConfigError, match="data.eval_prompt_column = 'instruction' is not allowed"):
+        cfg(train, eval_prompt_column="instruction")
+
+
+def test_hub_names_pick_config_and_split_and_hub_files_are_fetched(monkeypatch, tmp_path, tok):
+    pub.serve_offline_hub(monkeypatch, tmp_path)
+    c = cfg("openai/gsm8k:main:train", eval_source="openai/gsm8k:main:test", num_eval=0, prompt_column="question")
+    out = load_prompts(c, tok)
+    assert len(out.train) == 4 and len(out.eval) == 3
+    assert out.eval[0].messages == (("user", pub.GSM8K_ROWS["test"][0][0]),)  # the hub stand-in checks the names
+    uf = cfg("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", num_eval=2)
+    assert len(load_prompts(uf, tok).train) == 4  # no config: the set's default; data.split names the split
+    with pytest.raises(DataError, match=r"could not load dataset 'openai/gsm8k' \(split 'test'\).*name:config:split"):
+        load_prompts(cfg("openai/gsm8k:test", num_eval=2), tok)  # GSM8K has two configs: name one
+    hub_file = "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json"
+    evals = load_prompts(
+        cfg(uf.source, split="train_prefs", eval_source=hub_file, eval_prompt_column="instruction"), tok
+    )
+    assert [p.messages[0][1] for p in evals.eval] == [pub.ALPACA_EVAL_ROWS[0][0]]  # num_eval = 1
+    assert f"{len(pub.ALPACA_EVAL_ROWS)} rows read" in evals.report.summary()
+    with pytest.raises(DataError, match="could not fetch hf://datasets/tatsu-lab/alpaca_eval/nope.json") as err:
+        load_prompts(
+            cfg(uf.source, split="train_prefs", eval_source=hub_file.replace("alpaca_eval.json", "nope.json")), tok
+        )
+    assert "hf download tatsu-lab/alpaca_eval nope.json --repo-type dataset" in str(err.value)
+    with pytest.raises(DataError, match="is not a hub data file: write hf://datasets/ORG/NAME"):
+        load_prompts(cfg("hf://datasets/tatsu-lab/alpaca_eval"), tok)
+
+
 def test_duplicates_dropped_and_counted(tmp_path, tok):
     rows = prompts_rows(3) + [
         {"prompt": "question 1?", "answer": 99},
@@ -158,7 +243,9 @@ BAD_LINES = {
     "missing_column": json.dumps({"answer": 1}),
     "empty_prompt": json.dumps({"prompt": "   "}),
     "not_a_string": json.dumps({"prompt": 5}),
-    "bad_messages": json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    "bad_messages": json.dumps(
+        {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}
+    ),
     "too_long": json.dumps({"prompt": "word " * 200}),
     "invalid_json": '{"prompt": "unterminated',
     "not_an_object": json.dumps(["a list"]),
