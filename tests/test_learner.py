@@ -67,14 +67,17 @@ def snapshot(group) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in group.get_weights().items()}
 
 
-def assert_weights_close(a: dict, b: dict, atol: float, lr: float = 1e-3, steps: int = 1) -> None:
-    """Equal within atol, except for at most 0.1% of the elements of a tensor, which may differ
-    up to Adam's largest move (2 lr per step): Adam moves a weight by about lr * g / (|g| + eps),
-    so float noise (summation order) in a gradient of size ~eps flips single elements."""
+def assert_weights_close(
+    a: dict, b: dict, atol: float, lr: float = 1e-3, steps: int = 1, flipped: float = 1e-3
+) -> None:
+    """Equal within atol, except for at most a `flipped` share of the elements of a tensor, which
+    may differ up to Adam's largest move (2 lr per step): Adam moves a weight by about
+    lr * g / (|g| + eps), so float noise (summation order) in a gradient of size ~eps flips single
+    elements."""
     assert a.keys() == b.keys()
     for name in a:
         diff = np.abs(a[name].astype(np.float64) - b[name])
-        assert (diff > atol).mean() <= 1e-3, f"{name}: {(diff > atol).sum()} elements differ"
+        assert (diff > atol).mean() <= flipped, f"{name}: {(diff > atol).sum()} elements differ"
         assert diff.max() <= 2 * lr * steps, f"{name}: max difference {diff.max()}"
 
 
@@ -129,7 +132,8 @@ def test_training_changes_every_parameter(tiny_path, tokenizer):
 
 def test_loss_decreases_on_a_fixed_batch(tiny_path, tokenizer):
     lists = make_lists(tokenizer, 6)
-    group = LocalLearnerGroup(tiny_path, make_cfg(epochs=6, prompts_per_step=6))
+    # lr 1e-4: at 1e-3 Adam's first step overshoots on the sharper (3,000-step) tiny model
+    group = LocalLearnerGroup(tiny_path, make_cfg(epochs=6, prompts_per_step=6, lr=1e-4))
     steps = group.train(0, lists).step_metrics
     assert [s["step"] for s in steps] == list(range(6))
     losses = [s["loss"] for s in steps]
@@ -206,7 +210,9 @@ def test_micro_batch_times_accumulation_gives_the_same_update(tiny_path, tokeniz
     for result, weight in zip(results[1:], weights[1:]):
         for key in ("loss", "grad_norm", "reward_accuracy", "tokens"):
             assert result[key] == pytest.approx(results[0][key], rel=1e-5), key
-        assert_weights_close(weight, weights[0], atol=1e-6)
+        # 1%: the tied embedding's rows of tokens no list uses get softmax gradients of ~eps
+        # (the warmed-up tiny model gives them near-zero probability): 0.6% of them flip
+        assert_weights_close(weight, weights[0], atol=1e-6, flipped=1e-2)
 
 
 @pytest.mark.parametrize("variant", [{"zero_stage": 1}, {"zero_stage": 3}, {"gradient_checkpointing": True}])
