@@ -111,12 +111,6 @@ def latest(root: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def latest_iteration(root: str | Path) -> int:
-    """Iteration of the newest complete checkpoint (0 when there is none)."""
-    path = latest(root)
-    return read_state(path).iteration if path is not None else 0
-
-
 def read_state(path: str | Path) -> LoopState:
     path = Path(path)
     try:

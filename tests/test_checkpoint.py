@@ -37,7 +37,7 @@ def test_keeps_the_newest_n(tmp_path):
     for it in range(1, 5):
         write(tmp_path, it, keep=2)
     assert sorted(p.name for p in tmp_path.glob("iter-*")) == ["iter-000003", "iter-000004"]
-    assert checkpoint.latest_iteration(tmp_path) == 4
+    assert checkpoint.read_state(checkpoint.latest(tmp_path)).iteration == 4
 
 
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path):
