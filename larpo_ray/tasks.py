@@ -489,13 +489,6 @@ def graded_reward(text: str, answer: str) -> float:
 REWARDS: dict[str, Callable[[str, str], float]] = {"binary": binary_reward, "graded": graded_reward}
 
 
-def accuracy(texts: Sequence[str], answers: Sequence[str]) -> float:
-    """Mean binary reward of replies against their answers."""
-    if len(texts) != len(answers) or not texts:
-        raise ValueError(f"need equal, non-zero numbers of texts and answers; got {len(texts)} and {len(answers)}")
-    return sum(binary_reward(t, a) for t, a in zip(texts, answers)) / len(texts)
-
-
 def pass_at_n(correct_flags_per_prompt: Sequence[Sequence[bool]], n: int) -> float:
     """Mean over prompts of the unbiased Pass@n estimator (Chen et al. 2021, Codex paper).
 

@@ -15,7 +15,6 @@ from larpo_ray.tasks import (
     REWARDS,
     TEMPLATES,
     Problem,
-    accuracy,
     answers_match,
     binary_reward,
     format_question,
@@ -247,6 +246,7 @@ def test_binary_reward_compares_numerically():
     assert binary_reward("\\boxed{2.50}", "2.5") == 1.0
     assert binary_reward("The answer is 13", "12") == 0.0
     assert binary_reward("no idea", "12") == 0.0
+    assert binary_reward("= 3", "3") == 1.0 and binary_reward("five", "5") == 0.0  # a number is needed
     assert REWARDS == {"binary": binary_reward, "graded": graded_reward}
 
 
@@ -277,7 +277,7 @@ def test_text_answers_match_as_normalised_strings_and_never_raise():
     assert not answers_match("12 + 7 = 19. The answer is 19.", "Paris")
     assert binary_reward("12 + 7 = 19. The answer is 19.", "Paris") == 0.0
     assert graded_reward("The answer is 19.", "Paris") == 0.0 and graded_reward("The answer is Paris", "Paris") == 1.0
-    assert accuracy(["The answer is Paris", "19"], ["Paris", "The answer is Paris."]) == 0.5
+    assert [binary_reward("The answer is Paris", "Paris"), binary_reward("19", "The answer is Paris.")] == [1.0, 0.0]
     assert answers_match("The answer is 19.0", "19") and not answers_match("The answer is nineteen", "19")
 
 
@@ -289,12 +289,6 @@ def test_graded_reward_orders_wrong_answers_by_closeness():
     assert all(0.0 < s < 0.5 for s in scores[1:-1])
     assert graded_reward("= 11", "10") == pytest.approx(0.5 / 1.1)
     assert graded_reward("= 1", "0") == pytest.approx(0.25)  # |answer| < 1 uses scale 1
-
-
-def test_accuracy():
-    assert accuracy(["= 3", "= 4", "five"], ["3", "5", "5"]) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError):
-        accuracy(["= 3"], ["3", "4"])
 
 
 def test_pass_at_n_hand_computed():
