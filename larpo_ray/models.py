@@ -497,21 +497,6 @@ def _chat_prompt(tokenizer, problem) -> str:
     )
 
 
-def greedy_replies(model, tokenizer, problems, max_new_tokens: int = 24) -> list[str]:
-    """Greedy replies to the task's problems (HF generate, left-padded batch)."""
-    import torch
-
-    prompts = [_chat_prompt(tokenizer, p) for p in problems]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tokenizer.padding_side = side
-    with torch.no_grad():
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-
-
 _ENGLISH = [  # so the tokenizer also covers everyday words and letters
     "The quick brown fox jumps over the lazy dog. Jack quietly moved up front and seized the wax.",
     "We went to the market in the morning and came back home before noon with a friend of mine.",

@@ -115,7 +115,8 @@ def test_tiny_warmup_computes_most_answers_and_states_differences_wrong(tiny_mod
     train, held_out = models.tiny_warmup_problems(seed=0)
     assert not {p.uid for p in train} & {p.uid for p in held_out}
     model, tokenizer = models.load_causal_lm(tiny_model_path), models.load_tokenizer(tiny_model_path)
-    replies = models.greedy_replies(model, tokenizer, held_out)
+    questions = [tasks.format_question(p) for p in held_out]
+    replies = [tokenizer.decode(ids, skip_special_tokens=True) for ids in _greedy_ids(model, tokenizer, questions, 24)]
     computed = [r.startswith(f"{p.question[8:-1]} = {p.answer}.") for r, p in zip(replies, held_out)]
     correct = [tasks.binary_reward(r, p.answer) for r, p in zip(replies, held_out)]
     by_op = {op: [c for c, p in zip(correct, held_out) if f" {op} " in p.question] for op in "+-"}
