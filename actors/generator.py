@@ -369,15 +369,6 @@ class Generator:
         self._version = 0
         self._weight_group, self._weight_device = None, "cpu"  # the collective transport's, once joined
 
-    @property
-    def version(self) -> int:
-        """Weight version the engine holds: 0 for the initial model, then the learner's."""
-        return self._version
-
-    def weights_version(self) -> int:
-        """`version` as a method (Ray actors expose methods, not properties)."""
-        return self._version
-
     def ping(self) -> int:
         """This process's id (health checks)."""
         return os.getpid()

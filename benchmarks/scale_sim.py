@@ -140,9 +140,6 @@ class SimGenerator:
         self._version = version
         return {"version": version, "bytes": 0, "seconds": 0.0}
 
-    def weights_version(self) -> int:
-        return self._version
-
     def busy_log(self) -> list[float]:
         """Sleeps since the last call, then forgets them (one rollout's worth)."""
         out, self.busy = self.busy, []

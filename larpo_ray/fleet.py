@@ -61,10 +61,6 @@ class Fleet:
         actor is still the slot's one when it fails."""
         return self._incarnation[(role, slot)]
 
-    def deaths(self, role: str, slot: int) -> int:
-        """Deaths of the slot's current actor (Ray restarted it after each)."""
-        return self._deaths[(role, slot)]
-
     def record_death(self, role: str, slot: int) -> Death:
         """The slot's actor died: "restarting" while it has restarts left (Ray brings it back),
         else "replaced" (a new actor from `spawn` holds the slot). A generator loses its weights
@@ -120,7 +116,3 @@ class Fleet:
     def needs_weights(self, slot: int) -> bool:
         """Whether generator `slot` must load `current_weights()` before its next call."""
         return self._weights is not None and self._held[slot] != self._weights[0]
-
-    def stale_slots(self) -> set[int]:
-        """The generators that must load the current weights before their next call."""
-        return {i for i in range(len(self._held)) if self.needs_weights(i)}

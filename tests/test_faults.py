@@ -68,9 +68,6 @@ class FakeGenerator:
         self.version, self.loads = version, self.loads + 1
         return {"version": version, "bytes": 8, "seconds": 0.0}
 
-    def weights_version(self) -> int:
-        return self.version
-
 
 class FakeReward:
     def __init__(self, script):
@@ -258,7 +255,7 @@ def test_weight_sync_survives_a_dead_generator(ray_local):
         _wait_until_dead(ray_local, rt.generators[1])  # ray.kill is asynchronous: a call sent now may still land
         with pytest.warns(UserWarning, match="could not load weights version 1"):
             reports = rt.load_weights(1, "weights-v1")
-        assert len(reports) == 1 and rt.fleet.stale_slots() == {1}
+        assert len(reports) == 1 and [rt.fleet.needs_weights(i) for i in range(2)] == [False, True]
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 1)
     finally:
@@ -275,7 +272,8 @@ def test_weight_sync_to_a_restarting_generator(ray_local):
             warnings.simplefilter("always")
             reports = rt.load_weights(1, "weights-v1")
         warned = any("could not load weights version 1" in str(w.message) for w in caught)
-        assert (len(reports), rt.fleet.stale_slots()) == ((1, {1}) if warned else (2, set()))
+        stale = [rt.fleet.needs_weights(i) for i in range(2)]
+        assert (len(reports), stale) == ((1, [False, True]) if warned else (2, [False, False]))
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 1)
     finally:

@@ -19,9 +19,9 @@ def make(generators: int = 2, rewards: int = 1, max_restarts: int = 1, fetch=lam
 def test_a_slot_restarts_in_place_then_a_new_actor_replaces_it():
     fleet = make(max_restarts=2)
     assert [fleet.record_death("reward", 0) for _ in range(2)] == ["restarting", "restarting"]
-    assert (fleet.actor("reward", 0), fleet.incarnation("reward", 0), fleet.deaths("reward", 0)) == ("r0", 0, 2)
+    assert (fleet.actor("reward", 0), fleet.incarnation("reward", 0)) == ("r0", 0)
     assert fleet.record_death("reward", 0) == "replaced"  # the third death: restarts spent
-    assert (fleet.actor("reward", 0), fleet.incarnation("reward", 0), fleet.deaths("reward", 0)) == ("r0-new1", 1, 0)
+    assert (fleet.actor("reward", 0), fleet.incarnation("reward", 0)) == ("r0-new1", 1)
     assert fleet.record_death("reward", 0) == "restarting"  # the new actor has its own restarts
     assert fleet.actors("generator") == ["g0", "g1"] and fleet.incarnation("generator", 0) == 0  # other slots
 
@@ -36,7 +36,7 @@ def test_before_the_first_sync_every_generator_holds_the_current_weights():
     fleet = make(max_restarts=0)
     assert fleet.version == 0 and fleet.weights is None
     fleet.record_death("generator", 1)  # replaced: the new actor starts on the initial policy too
-    assert fleet.stale_slots() == set() and not fleet.needs_weights(1)
+    assert not any(fleet.needs_weights(i) for i in range(2))
     with pytest.raises(RuntimeError, match="no weights were synced"):
         fleet.current_weights()
 
@@ -44,16 +44,16 @@ def test_before_the_first_sync_every_generator_holds_the_current_weights():
 def test_a_generator_that_died_or_missed_a_sync_must_load_the_current_weights():
     fleet = make(generators=3)
     fleet.set_weights(2, "v2")
-    assert fleet.stale_slots() == {0, 1, 2}  # until each one is told to have loaded them
+    assert all(fleet.needs_weights(i) for i in range(3))  # until each one is told to have loaded them
     for i in range(3):
         fleet.loaded(i, 2)
     fleet.record_death("generator", 0)
     fleet.mark_stale(2)  # e.g. it answered with another version
     fleet.record_death("reward", 0)  # reward actors hold no weights
-    assert fleet.stale_slots() == {0, 2} and fleet.needs_weights(0) and not fleet.needs_weights(1)
+    assert [fleet.needs_weights(i) for i in range(3)] == [True, False, True]
     fleet.set_weights(3, "v3")
     fleet.loaded(0, 3)
-    assert fleet.stale_slots() == {1, 2}
+    assert [fleet.needs_weights(i) for i in range(3)] == [False, True, True]
 
 
 def test_weights_without_a_reference_are_fetched_once_when_needed():

@@ -135,7 +135,7 @@ def test_candidates_are_well_formed(generator, prompts, model_path):
         assert c.text == generator.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         assert c.finish_reason == ("stop" if c.token_ids[-1] in stop_ids else "length")
         assert c.finish_reason == "stop" or len(c.token_ids) == MAX_NEW
-        assert c.policy_version == generator.version == 0
+        assert c.policy_version == 0
     assert any(c.finish_reason == "stop" for c in cands)  # the warmed-up tiny model ends replies
 
 
@@ -162,7 +162,7 @@ def test_weight_load_syncs_to_the_learner(generator, prompts, learner_model, lea
     assert expected != learner_greedy  # the perturbation changes behaviour: the check has teeth
     try:
         info = generator.load_weights(7, new_state)
-        assert info["version"] == generator.version == 7
+        assert info["version"] == 7
         unique = {id(a): a.nbytes for a in new_state.values()}  # a tied head is sent once
         assert info["bytes"] == sum(unique.values()) and info["seconds"] >= 0
         cands = generator.generate(prompts, [0.0], MAX_NEW)
