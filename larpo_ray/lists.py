@@ -196,8 +196,9 @@ class CandidateMemory:
         oldest = self._oldest(iteration)
         return sorted((s for s in self._store if oldest <= s <= iteration), reverse=True)
 
-    def _merge(self, prompt_uid: str, iteration: int) -> tuple[list[ScoredCandidate], int]:
-        """The prompt's pool at `iteration` (newest iteration first) and the duplicates dropped."""
+    def pool(self, prompt_uid: str, iteration: int) -> tuple[list[ScoredCandidate], int]:
+        """The prompt's merged, de-duplicated and capped candidates at `iteration` (newest
+        iteration first), and the number of duplicates dropped."""
         pool: list[ScoredCandidate] = []
         seen: set[tuple[int, ...]] = set()
         n_dup = 0
@@ -212,10 +213,6 @@ class CandidateMemory:
             room = len(fresh) if self.max_pool is None else self.max_pool - len(pool)
             pool.extend(fresh if len(fresh) <= room else _extremes(fresh, room))
         return pool, n_dup
-
-    def pool(self, prompt_uid: str, iteration: int) -> list[ScoredCandidate]:
-        """Merged, de-duplicated and capped candidates of one prompt at `iteration`."""
-        return self._merge(prompt_uid, iteration)[0]
 
     def build_lists(
         self,
@@ -235,7 +232,7 @@ class CandidateMemory:
             raise ValueError(f"top={top}, bottom={bottom}: both must be >= 1")
         rule_fn, stats, lists = LIST_RULES[rule], ListStats(n_prompts=len(prompts)), []
         for prompt in prompts:
-            pool, n_dup = self._merge(prompt.uid, iteration)
+            pool, n_dup = self.pool(prompt.uid, iteration)
             stats.n_candidates += len(pool)
             stats.n_duplicates_removed += n_dup
             chosen = rule_fn(

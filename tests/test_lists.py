@@ -123,7 +123,7 @@ def three_iterations(**kw) -> CandidateMemory:
     "window, expected", [("current", [20, 21]), ("previous", [20, 21, 10, 11]), ("all", [20, 21, 10, 11, 0, 1])]
 )
 def test_memory_windows(window, expected):
-    assert toks(three_iterations(window=window).pool("p", 2)) == expected
+    assert toks(three_iterations(window=window).pool("p", 2)[0]) == expected
 
 
 def test_reranking_across_iterations_promotes_older_best():
@@ -139,29 +139,30 @@ def test_cap_keeps_newest_then_extremes():
     mem = CandidateMemory(window="all", max_pool=4)
     mem.add(sc("p", t, float(t), iteration=0) for t in range(4))
     mem.add(sc("p", 10 + t, float(t), iteration=1) for t in range(2))
-    assert sorted(toks(mem.pool("p", 1))) == [0, 3, 10, 11]  # newest 2, then best + worst of 0
+    assert sorted(toks(mem.pool("p", 1)[0])) == [0, 3, 10, 11]  # newest 2, then best + worst of 0
     mem = CandidateMemory(window="current", max_pool=3)
     mem.add(sc("p", t, float(t)) for t in range(6))
-    assert toks(mem.pool("p", 0)) == [5, 0, 4]
+    assert toks(mem.pool("p", 0)[0]) == [5, 0, 4]
 
 
 def test_dedup_keeps_newest_copy_and_counts():
     mem = CandidateMemory(window="all")
     mem.add([sc("p", 7, 0.2, 0), sc("p", 8, 0.0, 0), sc("p", 7, 0.6, 1), sc("p", 9, 0.3, 1), sc("p", 9, 0.3, 1)])
-    pool = mem.pool("p", 1)
-    assert [(toks([c])[0], c.iteration) for c in pool] == [(7, 1), (9, 1), (8, 0)]
+    pool, n_dup = mem.pool("p", 1)
+    assert [(toks([c])[0], c.iteration) for c in pool] == [(7, 1), (9, 1), (8, 0)] and n_dup == 2
     _, stats = mem.build_lists([prompt("p")], 1, "all")
     assert (stats.n_duplicates_removed, stats.n_candidates) == (2, 3)
     nodedup = CandidateMemory(window="all", dedup=False)
-    nodedup.add(mem.pool("p", 1) + mem.pool("p", 1))
-    assert len(nodedup.pool("p", 1)) == 6
+    nodedup.add(pool + pool)
+    kept, n_dup = nodedup.pool("p", 1)
+    assert (len(kept), n_dup) == (6, 0)
 
 
 def test_prune_drops_only_unneeded_iterations():
     mem = three_iterations(window="previous")
-    assert mem.prune(2) == 2 and toks(mem.pool("p", 2)) == [20, 21, 10, 11]
+    assert mem.prune(2) == 2 and toks(mem.pool("p", 2)[0]) == [20, 21, 10, 11]
     mem = three_iterations(window="all")
-    assert mem.prune(2) == 0 and len(mem.pool("p", 2)) == 6
+    assert mem.prune(2) == 0 and len(mem.pool("p", 2)[0]) == 6
 
 
 def test_state_dict_json_round_trip():
@@ -170,7 +171,7 @@ def test_state_dict_json_round_trip():
     other = CandidateMemory(window="all", max_pool=5)
     other.load_state_dict(state)
     assert other.state_dict() == mem.state_dict()
-    assert other.pool("p", 2) == mem.pool("p", 2)
+    assert other.pool("p", 2)[0] == mem.pool("p", 2)[0]
     with pytest.raises(ValueError, match="format"):
         other.load_state_dict({"format": 99, "candidates": []})
 
