@@ -263,10 +263,6 @@ class LearnerWorker:
         flat = self._all_reduce(flat)
         return [flat[offsets[i] : offsets[i + 1]] for i in range(len(lists))]
 
-    def policy_logps(self, lists: Sequence[RankedList]) -> list[list[float]]:
-        """Sequence log-probs of every candidate under the current policy (collective)."""
-        return [t.tolist() for t in self._no_grad_logps(self.engine, lists)]
-
     # ---- training ------------------------------------------------------------------------------
 
     def train_iteration(self, iteration: int, lists: Sequence[RankedList]) -> TrainResult:

@@ -67,6 +67,11 @@ def snapshot(group) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in group.get_weights().items()}
 
 
+def policy_logps(worker, lists: list[RankedList]) -> list[list[float]]:
+    """Sequence log-probs of every candidate under the worker's current policy (its reference pass)."""
+    return [t.tolist() for t in worker._no_grad_logps(worker.engine, lists)]
+
+
 def assert_weights_close(
     a: dict, b: dict, atol: float, lr: float = 1e-3, steps: int = 1, flipped: float = 1e-3
 ) -> None:
@@ -149,7 +154,7 @@ def test_reference_is_the_policy_at_iteration_start(tiny_path, tokenizer):
     group = LocalLearnerGroup(tiny_path, make_cfg())
     worker = group.worker
     for iteration in range(2):
-        start = worker.policy_logps(lists)
+        start = policy_logps(worker, lists)
         result = group.train(iteration, lists)
         assert result.metrics["n_no_pair"] == 2 and result.metrics["n_active"] == 6
         for got, want, lst in zip(worker.last_reference_logps, start, lists):
@@ -172,13 +177,13 @@ def test_initial_reference_stays_the_initial_policy(tiny_path, tokenizer):
             }
         ),
     )
-    initial = group.worker.policy_logps(lists)
+    initial = policy_logps(group.worker, lists)
     group.train(0, lists)
     second = group.train(1, lists)
     for got, want in zip(group.worker.last_reference_logps, initial):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
     assert second.step_metrics[0]["margin"] > 0  # trained away from pi_0 in iteration 0
-    assert not np.allclose(group.worker.policy_logps(lists)[0], initial[0])
+    assert not np.allclose(policy_logps(group.worker, lists)[0], initial[0])
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -263,7 +268,7 @@ def test_get_weights_load_into_a_fresh_hf_model(tiny_path, tokenizer):
     assert all(weights[k].shape == tuple(v.shape) for k, v in state.items())
     assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]  # tied, sent once
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    want = group.worker.policy_logps(lists)
+    want = policy_logps(group.worker, lists)
     for lst, logps in zip(lists, want):
         for sc, logp in zip(lst.candidates, logps):
             ids = torch.tensor([lst.prompt.token_ids + sc.candidate.token_ids])
