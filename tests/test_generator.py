@@ -13,6 +13,7 @@ import torch
 
 from actors.generator import Generator
 from larpo_ray.config import GenerationConfig, ModelConfig
+from larpo_ray import tasks
 from larpo_ray.driver import sample_temperatures
 from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts, resolve_model
 from larpo_ray.types import Prompt
@@ -41,7 +42,10 @@ def prompts(model_path) -> list[Prompt]:
             text=q,
             token_ids=tuple(
                 tokenizer.apply_chat_template(
-                    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+                    [{"role": "user", "content": f"{q} {tasks.INSTRUCTION}"}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
                 )
             ),
         )

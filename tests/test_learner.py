@@ -333,7 +333,9 @@ def test_ray_group_matches_one_worker(ray_cluster, tiny_path, tokenizer, zero_st
         weights = ray_cluster.get(group.get_weights())
         local = LocalLearnerGroup(tiny_path, Config.from_dict({"learner": {**learner, "num_workers": 1}}))
         local_results = [local.train(it, lists) for it in range(2)]
-        assert_weights_close(weights, local.get_weights(), atol=1e-5, steps=8)
+        # flipped=1e-2: the warmed-up tiny model is sharp, so many embedding rows get gradients near
+        # Adam's eps, where summation-order noise flips single elements (measured up to 0.44%)
+        assert_weights_close(weights, local.get_weights(), atol=1e-5, steps=8, flipped=1e-2)
         for ray_step, local_step in zip(results[1].step_metrics, local_results[1].step_metrics):
             # After 8 Adam steps the fp32 summation order (gloo all-reduce of 2 ranks vs one
             # process) shows up around 1e-4 relative in derived metrics; the weights match above.

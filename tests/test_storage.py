@@ -112,7 +112,7 @@ def test_a_run_on_s3_writes_everything_there_resumes_from_there_and_reports(s3, 
     uri = f"s3://runs/tiny/run-1?{s3}"
     run = [sys.executable, "-m", "larpo_ray.run"]
     first = subprocess.run(
-        run + ["--preset", "tiny", "--loop.run_dir", uri],
+        run + ["--preset", "tiny", "--loop.run_dir", uri, "--loop.iterations", "2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

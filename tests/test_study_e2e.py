@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -64,7 +65,8 @@ def test_smoke_study_runs_reports_skips_and_resumes(tmp_path):
         finals = [r["final"] for r in summary["runs"] if r["variant"] == row["variant"]]
         assert row["final"]["mean"] == pytest.approx(sum(finals) / 2)
         assert row["generated_tokens"]["mean"] > 0 and row["loop_minutes"]["mean"] > 0
-    assert summary["held_out_prompts"] == 16 and len(summary["differences"]) == 1
+    num_eval = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["data"]["num_eval"]
+    assert summary["held_out_prompts"] == num_eval and len(summary["differences"]) == 1
     md = (out / "study.md").read_text()
     assert "| **pairwise** | 2 |" in md and "| listmle - pairwise |" in md
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
