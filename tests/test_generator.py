@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from actors.generator import Generator
-from larpo_ray.config import GenerationConfig, ModelConfig
 from larpo_ray import tasks
+from larpo_ray.config import GenerationConfig, ModelConfig
 from larpo_ray.driver import sample_temperatures
 from larpo_ray.models import load_causal_lm, load_tokenizer, read_model_facts, resolve_model
 from larpo_ray.types import Prompt
