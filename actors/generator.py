@@ -280,7 +280,10 @@ class HFEngine:
         from larpo_ray.models import load_causal_lm
 
         self.facts = read_model_facts(model_path, model_cfg.trust_remote_code)
-        self.model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code).eval()
+        # On the actor's GPU when it has one (Ray sets CUDA_VISIBLE_DEVICES): on a GPU machine the
+        # engine once stayed on the CPU and generated a 1B model at 186 tokens/s on an H200 node.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(model_path, model_cfg.dtype, model_cfg.trust_remote_code).to(self.device).eval()
         torch.manual_seed(gen_cfg.seed)  # generate has no generator argument: seed once
 
     def generate(
@@ -311,8 +314,8 @@ class HFEngine:
 
         width = max(len(ids) for ids in token_ids)
         pad = self.facts.pad_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in token_ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in token_ids])
+        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in token_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in token_ids], device=self.device)
         config = hf_generation_config(
             self.facts, temperature, top_p, max_new_tokens, output_scores=True, return_dict_in_generate=True
         )
@@ -324,6 +327,7 @@ class HFEngine:
             [torch.log_softmax(s.float(), -1).gather(1, new[:, i : i + 1])[:, 0] for i, s in enumerate(out.scores)],
             dim=1,
         )
+        new, logps = new.cpu(), logps.cpu()
         return [self._trim(new[r].tolist(), logps[r].tolist()) for r in range(len(token_ids))]
 
     def _trim(self, ids: list[int], logps: list[float]) -> Sample:

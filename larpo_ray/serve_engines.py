@@ -105,7 +105,8 @@ class HFServeEngine:
 
         self.facts = read_model_facts(opts.model_path, opts.trust_remote_code)
         self.tokenizer = load_tokenizer(opts.model_path, opts.trust_remote_code)
-        self.model = load_causal_lm(opts.model_path, opts.dtype, opts.trust_remote_code).eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the replica's GPU, if any
+        self.model = load_causal_lm(opts.model_path, opts.dtype, opts.trust_remote_code).to(self.device).eval()
         self.lock = threading.Lock()  # generate is not thread-safe; requests run in threads
         torch.manual_seed(opts.seed)
 
@@ -123,12 +124,13 @@ class HFServeEngine:
             stop_strings=list(sampling.stop) or None,
         )
         # fork_rng: a seeded request leaves the engine's own random stream as it was.
-        with self.lock, torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.lock, torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(
-                input_ids=torch.tensor([prompt_ids]),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                input_ids=torch.tensor([prompt_ids], device=self.device),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.device),
                 generation_config=config,
                 tokenizer=self.tokenizer,
             )
