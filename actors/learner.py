@@ -22,6 +22,7 @@ Data-parallel and accumulation arithmetic (larpo_ray/losses.py, "Data-parallel r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -499,12 +500,25 @@ class CheckpointIO:
         if self.world_size > 1:
             dist.barrier()
 
-    def _base_optimizer(self) -> torch.optim.Optimizer:
+    @contextlib.contextmanager
+    def _base_optimizer(self):
         """The torch optimizer under DeepSpeed's wrappers (ZeRO 1-3 and bf16 keep it in
-        `.optimizer`; its parameters are this rank's fp32 partitions)."""
+        `.optimizer`; its parameters are this rank's fp32 partitions). ZeRO-3 detaches those
+        partitions from the torch optimizer between steps (its state stays keyed by them), which
+        made `state_dict()` fail with a KeyError: they are attached for the save or load, as
+        DeepSpeed's own ZeRO-3 state_dict does."""
         opt = self.engine.optimizer
         inner = getattr(opt, "optimizer", None)
-        return inner if isinstance(inner, torch.optim.Optimizer) else opt
+        base = inner if isinstance(inner, torch.optim.Optimizer) else opt
+        attach = getattr(opt, "_set_fp32_optimizer_param_groups", None) if self.zero_stage == 3 else None
+        if attach is None:
+            yield base
+            return
+        attach()
+        try:
+            yield base
+        finally:
+            opt._clear_fp32_optimizer_param_groups()
 
     def save_checkpoint(self, path: str | Path, with_optimizer: bool, global_step: int) -> None:
         """The policy as `path/policy` (rank 0) and this rank's optimizer state and step count
@@ -519,7 +533,8 @@ class CheckpointIO:
             "has_optimizer": with_optimizer,
         }
         if with_optimizer:
-            save_optimizer(self._base_optimizer(), path / "learner", self.rank, extra)
+            with self._base_optimizer() as optimizer:
+                save_optimizer(optimizer, path / "learner", self.rank, extra)
         else:
             (path / "learner").mkdir(parents=True, exist_ok=True)
             write_json(path / "learner" / f"rank-{self.rank}.json", extra)
@@ -544,5 +559,6 @@ class CheckpointIO:
                 f"the same learner.num_workers and learner.zero_stage"
             )
         if meta["has_optimizer"]:
-            load_optimizer(self._base_optimizer(), path / "learner", self.rank)
+            with self._base_optimizer() as optimizer:
+                load_optimizer(optimizer, path / "learner", self.rank)
         return int(meta["global_step"])
