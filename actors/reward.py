@@ -1,16 +1,23 @@
 """The reward role: the reranker r(x, y) that scores sampled candidates (LARPO Algorithm 1, step 3).
 
-Three scorers sit behind one small interface, `score(prompts, responses) -> list[float]` (one score
-per (prompt, response) pair):
+In retrieval terms the reranker can be pointwise, pairwise or listwise. Pointwise scorers sit
+behind `score(prompts, responses) -> list[float]` (one score per (prompt, response) pair):
 
 - `RuleScorer`: the verifiable-task rule (final-answer match, `larpo_ray.tasks.REWARDS`).
 - `RewardModelScorer`: a sequence-classification reward model with a scalar head (hub id or folder).
-- `HTTPScorer`: a remote scoring service; the protocol is in its docstring, so you can serve any RM.
+- `HTTPScorer` (actors/http_scorer.py): a remote scoring service; the protocol is in its docstring.
+
+Relative rerankers (`GroupScorer`) rank one prompt's responses as a list, `rank(prompt, responses)
+-> GroupScores`; their scores order that list and mean nothing across prompts:
+
+- `PairwiseScorer` (actors/pairwise.py): PairRM, every pair in both orders.
+- `ListwiseJudgeScorer` (actors/listwise.py): an LLM judge over an OpenAI-compatible endpoint.
 
 `RewardActor` wraps a scorer for the driver. Failure semantics: a score that is NaN, inf or not a
-number, a batch whose scorer raises, or a batch with the wrong number of scores is counted in the
-`ScoreReport` (by reason) and dropped, never trained on; the run goes on. If every candidate of a
-call fails, the scorer is broken rather than unlucky, so the actor raises `ScorerError`.
+number, a batch (relative: a list) whose scorer raises, or one with the wrong number of scores is
+counted in the `ScoreReport` (by reason) and dropped, never trained on; the run goes on. If every
+candidate of a call fails, the scorer is broken rather than unlucky, so the actor raises
+`ScorerError`.
 
 Plain classes, no Ray (Ray is applied where the topology is built); torch, transformers and
 requests are imported only by the scorers that need them.
@@ -21,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,11 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from actors.http_scorer import HTTPScorer
+from actors.listwise import ListwiseJudgeScorer
+from actors.pairwise import PairwiseScorer
 from larpo_ray import tasks
 from larpo_ray.config import RewardConfig
 from larpo_ray.models import require_safetensors
 from larpo_ray.tasks import REWARDS
-from larpo_ray.types import Candidate, Prompt, ScoredCandidate, ScorerError
+from larpo_ray.types import Candidate, GroupScores, Prompt, ScoredCandidate, ScorerError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,15 @@ log = logging.getLogger(__name__)
 class Scorer(Protocol):
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """One score per (prompt, response) pair; may contain NaN/inf or raise."""
+        ...
+
+
+class GroupScorer(Protocol):
+    """A reranker whose scores compare the responses to one prompt (pairwise, listwise): they
+    order that list and mean nothing across prompts or across calls."""
+
+    def rank(self, prompt: Prompt, responses: Sequence[str]) -> GroupScores:
+        """Scores for >= 2 responses to `prompt`; raises when it cannot rank them."""
         ...
 
 
@@ -154,151 +172,14 @@ class RewardModelScorer:
         return scores
 
 
-class HTTPScorer:
-    """A remote scorer. Protocol (one POST per batch of at most `batch_size` pairs):
-
-        POST <url>    Content-Type: application/json    [Authorization: Bearer <key>]
-        {"prompts":   ["<prompt text, chat-templated for the policy>", ...],
-         "messages":  [[{"role": "user", "content": "..."}, ...], ...],   # same prompts, untemplated
-         "responses": ["<response text>", ...]}
-        -> 200 {"scores": [0.7, -1.2, ...]}    # one number per response, same order
-
-    Connection errors, timeouts, 5xx and 429 are retried `max_retries` times with capped exponential
-    backoff plus jitter; other 4xx fail at once (the request is wrong, retrying will not help). A
-    body that is not that JSON shape raises `ScorerError`. The API key is read from the env var
-    named `api_key_env` (reward.api_key_env; a config holds the name, never the key), sent only as
-    a header, and never logged or put in an error message. TLS certificates are verified against
-    the system's CAs, or `ca_bundle` (reward.ca_bundle); verify_tls = False accepts any
-    certificate and warns.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        timeout_s: float = 30.0,
-        max_retries: int = 3,
-        verify_tls: bool = True,
-        batch_size: int = 16,
-        api_key_env: str = "LARPO_REWARD_API_KEY",
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 30.0,
-        ca_bundle: str | None = None,
-    ):
-        import requests
-
-        self.url, self.timeout_s, self.max_retries, self.verify_tls = url, timeout_s, max_retries, verify_tls
-        self.batch_size, self.backoff_s, self.max_backoff_s = batch_size, backoff_s, max_backoff_s
-        if ca_bundle is not None and not Path(ca_bundle).is_file():
-            raise ScorerError(
-                f"reward.ca_bundle {ca_bundle!r} is not a file on this node: give the path of a "
-                f"PEM file with the CA certificate(s) of {url}"
-            )
-        self.verify: bool | str = (ca_bundle or True) if verify_tls else False  # requests' `verify`
-        if not verify_tls:
-            log.warning(
-                "reward.verify_tls = false: the reward server %s is not authenticated, so anyone on the "
-                "network path can read the API key and forge scores; set reward.ca_bundle to its CA "
-                "certificate instead",
-                url,
-            )
-        self._session = requests.Session()
-        self._api_key = os.environ.get(api_key_env) or None
-        if self._api_key:
-            self._session.headers["Authorization"] = f"Bearer {self._api_key}"
-
-    @classmethod
-    def from_config(cls, cfg: RewardConfig, trust_remote_code: bool = False) -> HTTPScorer:
-        return cls(
-            cfg.url,
-            cfg.timeout_s,
-            cfg.max_retries,
-            cfg.verify_tls,
-            cfg.batch_size,
-            cfg.api_key_env,
-            ca_bundle=cfg.ca_bundle,
-        )
-
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: give one prompt per response")
-        scores: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            ps, rs = prompts[start : start + self.batch_size], list(responses[start : start + self.batch_size])
-            payload = {
-                "prompts": [p.text for p in ps],
-                "responses": rs,
-                "messages": [[{"role": r, "content": c} for r, c in p.messages] for p in ps],
-            }
-            scores += self._post(payload, len(rs))
-        return scores
-
-    def _post(self, payload: dict, n: int) -> list[float]:
-        """One batch, with retries on the failures that can be transient."""
-        import requests
-
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
-            try:
-                resp = self._session.post(self.url, json=payload, timeout=self.timeout_s, verify=self.verify)
-            except requests.exceptions.SSLError as err:  # a certificate will not fix itself: no retry
-                raise ScorerError(
-                    f"reward server {self.url}: TLS verification failed ({self._redact(err)}); "
-                    f"fix the server's certificate, or point reward.ca_bundle at the PEM of the "
-                    f"CA that signed it (for a self-signed server: its certificate)"
-                ) from None
-            except requests.Timeout:
-                last = f"timed out after reward.timeout_s = {self.timeout_s} s"
-                continue
-            except requests.ConnectionError as err:
-                last = f"connection failed: {self._redact(err)}"
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                last = f"HTTP {resp.status_code}: {self._redact(resp.text)[:200]}"
-                continue
-            if resp.status_code >= 400:
-                raise ScorerError(
-                    f"reward server {self.url} rejected the request with HTTP {resp.status_code} "
-                    f"({self._redact(resp.text)[:200]}); check the URL, the API key in the env "
-                    f"and that the server speaks the HTTPScorer protocol"
-                )
-            return self._parse(resp, n)
-        raise ScorerError(
-            f"reward server {self.url} is down or too slow: {self.max_retries + 1} attempts failed, "
-            f"last: {last}. Check that it is running and reachable from this node, or raise "
-            f"reward.timeout_s / reward.max_retries"
-        )
-
-    def _parse(self, resp, n: int) -> list[float]:
-        """Validate the `{"scores": [...]}` body; anything else is the server's bug, named."""
-        where = f"reward server {self.url} (HTTP {resp.status_code})"
-        try:
-            body = resp.json()
-        except ValueError:
-            raise ScorerError(
-                f"{where} returned a body that is not JSON: {self._redact(resp.text)[:100]!r}; "
-                f'expected {{"scores": [...]}}'
-            ) from None
-        scores = body.get("scores") if isinstance(body, dict) else None
-        if not isinstance(scores, list):
-            raise ScorerError(f'{where} returned {self._redact(body)[:100]!r}; expected {{"scores": [...]}}')
-        if len(scores) != n:
-            raise ScorerError(f"{where} returned {len(scores)} scores for {n} responses; expected one per response")
-        bad = next((s for s in scores if isinstance(s, bool) or not isinstance(s, (int, float))), None)
-        if bad is not None:
-            raise ScorerError(
-                f"{where} returned a non-numeric score {self._redact(bad)[:50]!r}; scores must be numbers"
-            )
-        return [float(s) for s in scores]
-
-    def _redact(self, text: object) -> str:
-        """Servers and exceptions may echo headers back: the key never leaves this object."""
-        return str(text).replace(self._api_key, "***") if self._api_key else str(text)
-
-
 # Keys: larpo_ray.choices.SCORER_KINDS, the names reward.kind accepts (tests/test_config.py checks they agree).
-SCORERS: dict[str, type] = {"rule": RuleScorer, "model": RewardModelScorer, "http": HTTPScorer}
+SCORERS: dict[str, type] = {
+    "rule": RuleScorer,
+    "model": RewardModelScorer,
+    "http": HTTPScorer,
+    "pairwise": PairwiseScorer,
+    "listwise": ListwiseJudgeScorer,
+}
 
 
 def make_scorer(cfg: RewardConfig, trust_remote_code: bool = False) -> Scorer:
@@ -314,6 +195,8 @@ class ScoreReport:
     n_failed: int  # candidates dropped (never trained on)
     failures: dict[str, int]  # reason -> count: "nan", "inf", "non_numeric", "wrong_count", "error: <Type>"
     seconds: float = 0.0  # time the scorer spent on this call (not queueing)
+    calls: int = 0  # relative rerankers: pair forwards (pairwise) or judge requests (listwise)
+    lists: int = 0  # relative rerankers: prompts' lists ranked (each a group of >= 2 responses)
 
 
 class RewardActor:
@@ -334,6 +217,8 @@ class RewardActor:
                 f"{len(unknown)} candidates' prompt uids are not among the {len(prompts)} prompts "
                 f"given (e.g. {unknown[0]!r}): pass the prompts the candidates were sampled for"
             )
+        if hasattr(self.scorer, "rank"):
+            return self._score_lists(prompts, candidates, iteration)
         scored, failures, first_error, start_s = [], Counter(), None, time.perf_counter()
         for start in range(0, len(candidates), self.cfg.batch_size):
             batch = candidates[start : start + self.cfg.batch_size]
@@ -355,6 +240,62 @@ class RewardActor:
         report = self._report(scored, dict(failures), first_error, len(candidates), iteration)
         report.seconds = time.perf_counter() - start_s
         return report
+
+    def _score_lists(
+        self, prompts: Mapping[str, Prompt], candidates: Sequence[Candidate], iteration: int
+    ) -> ScoreReport:
+        """A relative reranker ranks each prompt's candidates as one list (the candidates of a prompt
+        arrive in one call: a generator batch holds all k). A lone candidate has nothing to be
+        compared with and scores 0.0; a list the reranker cannot rank is dropped whole."""
+        groups: dict[str, list[Candidate]] = {}
+        for c in candidates:
+            groups.setdefault(c.prompt_uid, []).append(c)
+        scored, failures, first_error, start_s = [], Counter(), None, time.perf_counter()
+        calls = lists = 0
+        for uid, group in groups.items():
+            if len(group) == 1:
+                scored.append(ScoredCandidate(candidate=group[0], reward=0.0, iteration=iteration))
+                continue
+            try:
+                ranked = self.scorer.rank(prompts[uid], [c.text for c in group])
+            except Exception as err:  # one list the reranker cannot rank costs that list, not the run
+                failures[f"error: {type(err).__name__}"] += len(group)
+                first_error = first_error or err
+                continue
+            calls, lists = calls + ranked.calls, lists + 1
+            if len(ranked.scores) != len(group):
+                failures["wrong_count"] += len(group)
+                continue
+            checked = [_check(raw) for raw in ranked.scores]
+            bad = Counter(reason for _, reason in checked if reason)
+            if bad:  # a list with a hole has no order to train on
+                failures.update({reason: len(group) for reason in bad})
+                continue
+            scored += [ScoredCandidate(candidate=c, reward=v, iteration=iteration) for c, (v, _) in zip(group, checked)]
+        report = self._report(scored, dict(failures), first_error, len(candidates), iteration)
+        report.seconds, report.calls, report.lists = time.perf_counter() - start_s, calls, lists
+        return report
+
+    def compare(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], baselines: Sequence[str]
+    ) -> list[float | None]:
+        """A relative reranker's margin of each response over its baseline (held-out win-rate
+        against the initial policy): > 0 the response wins, 0 a tie (identical texts tie without a
+        call), None when the reranker could not compare them (left out of the win-rate)."""
+        out: list[float | None] = []
+        for prompt, response, baseline in zip(prompts, responses, baselines, strict=True):
+            if response == baseline:
+                out.append(0.0)
+                continue
+            try:
+                a, b = self.scorer.rank(prompt, [response, baseline]).scores
+                value, reason = _check(float(a) - float(b))
+            except Exception as err:
+                value, reason = math.nan, f"error: {err!r}"
+            if reason:
+                log.warning("held-out comparison of prompt %s failed and is left out: %s", prompt.uid, reason)
+            out.append(None if reason else value)
+        return out
 
     def _report(self, scored, failures, first_error, total, iteration) -> ScoreReport:
         n_failed = sum(failures.values())

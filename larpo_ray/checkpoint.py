@@ -71,6 +71,7 @@ class LoopState:
 
     iteration: int = 0
     initial_rewards: dict[str, float] = field(default_factory=dict)
+    initial_responses: dict[str, str] = field(default_factory=dict)  # greedy; relative rerankers judge against them
     memory: dict[str, Any] = field(default_factory=dict)
     prompt_uids: list[list[str]] = field(default_factory=list)  # per completed iteration
     wandb_id: str | None = None

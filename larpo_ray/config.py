@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from larpo_ray.choices import ENGINE_NAMES, LOSS_SPECS, SCORER_KINDS
+from larpo_ray.choices import ENGINE_NAMES, LOSS_SPECS, RELATIVE_SCORERS, SCORER_KINDS
 from larpo_ray.lists import LIST_RULES, PAIR_RULES, WINDOWS
 from larpo_ray.tasks import REWARDS
 
@@ -183,13 +183,24 @@ class GenerationConfig(Group):
 @dataclass
 class RewardConfig(Group):
     kind: Annotated[str, OneOf(SCORER_KINDS)] = knob(
-        "rule", "scorer: rule-based verifier, sequence-classification reward model, or remote HTTP scorer"
+        "rule",
+        "scorer: rule-based verifier, sequence-classification reward model, remote HTTP scorer, pairwise "
+        "reranker (PairRM: compares two responses), or listwise LLM judge (ranks a list over an OpenAI API)",
     )
     rule: Annotated[str, OneOf(REWARDS)] = knob(
         "binary", "verifier reward: 1/0 on the final answer, or graded partial credit"
     )
-    model_path: str | None = knob(None, "reward model (hub id or folder) when kind = model")
-    url: str | None = knob(None, "scoring endpoint when kind = http")
+    model_path: str | None = knob(None, "reward model (hub id or folder) when kind = model or pairwise (PairRM)")
+    url: str | None = knob(
+        None, "scoring endpoint when kind = http; the OpenAI-compatible base URL (.../v1) when kind = listwise"
+    )
+    pair_opponents: int = knob(
+        0, "pairwise: opponents per response (0: every pair; m: the m next responses in a cycle, for large k)"
+    )
+    judge_model: str | None = knob(None, "listwise: the model name the judge endpoint serves")
+    window: int = knob(20, "listwise: responses ranked per judge call; longer lists slide a window over them")
+    window_step: int = knob(10, "listwise: how far the window slides, from the back of the list to the front")
+    parse_retries: int = knob(2, "listwise: re-asks after an answer that is not a ranking (then the list is dropped)")
     timeout_s: float = knob(30.0, "per-request timeout of the HTTP scorer")
     max_retries: int = knob(3, "HTTP retries with exponential backoff")
     verify_tls: bool = knob(
@@ -207,8 +218,21 @@ class RewardConfig(Group):
     num_actors: int = knob(1, "reward actors; batches are spread over them")
 
     def check(self) -> None:
-        self._require(self.kind != "model" or bool(self.model_path), "model_path", "set it when reward.kind = model")
-        self._require(self.kind != "http" or bool(self.url), "url", "set it when reward.kind = http")
+        self._require(
+            self.kind not in ("model", "pairwise") or bool(self.model_path),
+            "model_path",
+            f"set it when reward.kind = {self.kind}",
+        )
+        self._require(
+            self.kind not in ("http", "listwise") or bool(self.url), "url", f"set it when reward.kind = {self.kind}"
+        )
+        self._require(
+            self.kind != "listwise" or bool(self.judge_model), "judge_model", "set it when reward.kind = listwise"
+        )
+        self._require(self.pair_opponents >= 0, "pair_opponents", ">= 0")
+        self._require(self.window >= 2, "window", ">= 2")
+        self._require(1 <= self.window_step < self.window, "window_step", "in [1, reward.window - 1]")
+        self._require(self.parse_retries >= 0, "parse_retries", ">= 0")
         self._require(
             self.ca_bundle is None or self.verify_tls,
             "ca_bundle",
@@ -472,6 +496,12 @@ class Config(Group):
             raise ConfigError(
                 "lists.rule = 'correct_incorrect' needs binary rewards: set reward.kind = rule and reward.rule = "
                 "binary, or use lists.rule = best_worst"
+            )
+        if self.reward.kind in RELATIVE_SCORERS and ls.memory != "current":
+            raise ConfigError(
+                f"reward.kind = {self.reward.kind!r} scores responses relative to the list it ranked them in, so "
+                f"responses scored in different iterations cannot be re-ranked together: set lists.memory = current, "
+                f"or use a pointwise scorer (reward.kind = model, http or rule) with lists.memory = {ls.memory}"
             )
         if g.mixed_temperatures and g.k < len(g.mixed_temperatures):
             raise ConfigError(

@@ -24,6 +24,7 @@ from typing import Any
 
 from larpo_ray import checkpoint
 from larpo_ray.checkpoint import LoopState
+from larpo_ray.choices import RELATIVE_SCORERS
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
@@ -39,13 +40,14 @@ EVAL_BATCH_PROMPTS = 64  # greedy held-out prompts per generate call: short repl
 
 def evaluate_only(
     cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], tracker: Tracker, progress: bool = True
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, str]]:
     """Held-out metrics of the policy as it is, recorded as iteration 0; returns its greedy
-    rewards per prompt (the initial policy's, against which later win-rates are judged)."""
+    rewards and responses per prompt (the initial policy's, against which later win-rates are
+    judged)."""
     t0 = time.perf_counter()
     metrics, rewards, answers = evaluate(cfg, runtime, held_out, None, progress)
     tracker.log({"iteration": 0, **metrics, "timing/eval": time.perf_counter() - t0}, eval_rows=answers)
-    return rewards
+    return rewards, {row["uid"]: row["response"] for row in answers if row["response"] is not None}
 
 
 def run_loop(
@@ -69,10 +71,9 @@ def run_loop(
     """
     root = run_dir / "checkpoints" if run_dir is not None else None
     if state is None:
+        rewards, responses = evaluate_only(cfg, runtime, held_out, tracker, progress)
         state = LoopState(
-            initial_rewards=evaluate_only(cfg, runtime, held_out, tracker, progress),
-            wandb_id=tracker.wandb_id,
-            config=cfg.to_dict(),
+            initial_rewards=rewards, initial_responses=responses, wandb_id=tracker.wandb_id, config=cfg.to_dict()
         )
         state.records = list(tracker.records)
     else:
@@ -132,7 +133,9 @@ def run_iteration(
     sync = timed(timing, "sync", runtime.sync_weights, s + 1)
     evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
     ev, _, answers = (
-        timed(timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress)
+        timed(
+            timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress, state.initial_responses
+        )
         if evaluated
         else ({}, {}, [])
     )
@@ -204,6 +207,7 @@ def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Track
     if iteration == 0:
         restored = LoopState(
             initial_rewards=state.initial_rewards,
+            initial_responses=state.initial_responses,
             wandb_id=state.wandb_id,
             config=state.config,
             records=state.records[:1],
@@ -347,11 +351,20 @@ def build_lists(
 
 
 def evaluate(
-    cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], initial: dict[str, float] | None, progress: bool
+    cfg: Config,
+    runtime: Runtime,
+    held_out: Sequence[Prompt],
+    initial: dict[str, float] | None,
+    progress: bool,
+    initial_responses: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
     """Greedy held-out metrics: mean reward, accuracy (verifiable prompts), win-rate vs the
     initial policy judged by the scorer (ties count half), optional Pass@N. Also returns the
-    greedy rewards per prompt and one row per prompt (uid, reward, correct, response)."""
+    greedy rewards per prompt and one row per prompt (uid, reward, correct, response).
+
+    A relative reranker (reward.kind = pairwise / listwise) cannot score a lone reply, so a reply's
+    reward is its margin over the initial policy's greedy reply to the same prompt, as the
+    reranker judges the two side by side (0 for the initial policy itself)."""
     with _bar(progress, len(held_out), "eval") as bar:
         greedy = runtime.rollout(
             held_out,
@@ -361,9 +374,11 @@ def evaluate(
             batch_prompts=max(cfg.generation.batch_prompts, EVAL_BATCH_PROMPTS),
         )
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
+    texts = {c.prompt_uid: c.text for c in greedy.candidates}
+    if cfg.reward.kind in RELATIVE_SCORERS:
+        rewards = _margins(runtime, held_out, texts, initial_responses or texts)
     out = {"eval/mean_reward": mean(rewards.values()), "eval/n_scored": float(len(rewards))}
     answers = {p.uid: reference_answer(p.answer) for p in held_out if p.answer is not None}
-    texts = {c.prompt_uid: c.text for c in greedy.candidates}
     correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}
     rows = [
         {
@@ -383,6 +398,16 @@ def evaluate(
     if cfg.loop.pass_at_n and answers:
         out[f"eval/pass@{cfg.loop.pass_at_n}"] = _pass_at(cfg, runtime, held_out, answers)
     return out, rewards, rows
+
+
+def _margins(
+    runtime: Runtime, held_out: Sequence[Prompt], texts: dict[str, str], baselines: dict[str, str]
+) -> dict[str, float]:
+    """Each greedy reply's margin over its baseline reply, by the relative reranker (failed
+    comparisons are left out, as failed scores are)."""
+    judged = [p for p in held_out if p.uid in texts and p.uid in baselines]
+    margins = runtime.compare(judged, [texts[p.uid] for p in judged], [baselines[p.uid] for p in judged])
+    return {p.uid: m for p, m in zip(judged, margins) if m is not None}
 
 
 def _pass_at(cfg: Config, runtime: Runtime, held_out: Sequence[Prompt], answers: dict[str, str]) -> float:
@@ -406,6 +431,11 @@ def rollout_metrics(rollout: Rollout, wall_s: float) -> dict[str, float]:
         "rollout/tokens_per_s": rollout.generated_tokens / max(wall_s, 1e-9),
         "timing/score_actor": rollout.score_seconds,
     }
+    if rollout.score_lists:  # a relative reranker's cost: what it took per prompt's list
+        out["reward/lists"] = float(rollout.score_lists)
+        out["reward/calls"] = float(rollout.score_calls)
+        out["reward/calls_per_list"] = rollout.score_calls / rollout.score_lists
+        out["reward/seconds_per_list"] = rollout.score_seconds / rollout.score_lists
     out.update({f"rollout/failed_{k}": float(v) for k, v in rollout.failures.items()})
     out.update({f"faults/{k}": float(v) for k, v in rollout.faults.items()})  # actor deaths, timeouts
     return out

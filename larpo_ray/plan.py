@@ -333,9 +333,21 @@ def _notes(cfg: Config) -> dict[str, str]:
     gen = cfg.generation
     return {
         "generator": f"one actor per engine ({gen.engine}, tensor_parallel_size {gen.tensor_parallel_size})",
-        "reward": f"one actor each (reward.kind = {cfg.reward.kind})",
+        "reward": f"reranker: {_reranker(cfg)}",
         "learner": f"Ray Train placement group, {cfg.resources.learner_placement}",
     }
+
+
+def _reranker(cfg: Config) -> str:
+    r = cfg.reward
+    what = {
+        "rule": f"rule {r.rule}",
+        "model": f"reward model {r.model_path}",
+        "http": f"HTTP scorer {r.url}",
+        "pairwise": f"pairwise {r.model_path}",
+        "listwise": f"listwise judge {r.judge_model} at {r.url}",
+    }
+    return what.get(r.kind, r.kind)
 
 
 # ---- printing ----------------------------------------------------------------------------------

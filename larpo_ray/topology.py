@@ -39,6 +39,8 @@ class Rollout:
     failures: dict[str, int] = field(default_factory=dict)
     generated_tokens: int = 0
     score_seconds: float = 0.0  # summed over reward-actor calls; overlaps generation on Ray
+    score_calls: int = 0  # relative rerankers: pair forwards / judge requests
+    score_lists: int = 0  # relative rerankers: prompts' lists they ranked
     faults: dict[str, int] = field(default_factory=dict)  # actor failures / timeouts / re-dispatches
 
     def extend(self, other: Rollout) -> None:
@@ -48,6 +50,8 @@ class Rollout:
         self.n_failed += other.n_failed
         self.generated_tokens += other.generated_tokens
         self.score_seconds += other.score_seconds
+        self.score_calls += other.score_calls
+        self.score_lists += other.score_lists
         for mine, theirs in ((self.failures, other.failures), (self.faults, other.faults)):
             for key, n in theirs.items():
                 mine[key] = mine.get(key, 0) + n
@@ -60,6 +64,8 @@ class Rollout:
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.generated_tokens += sum(len(c.token_ids) for c in candidates)
         self.score_seconds += report.seconds
+        self.score_calls += report.calls
+        self.score_lists += report.lists
 
 
 def batches(prompts: Sequence[Prompt], size: int) -> list[list[Prompt]]:
@@ -87,6 +93,10 @@ class Runtime(ABC):
         """Generate len(temperatures) candidates per prompt (0.0 = greedy) and score them; with a
         `seed`, candidates depend only on (seed, prompt, slot) (actors.generator.sample_seed).
         Prompts go to the actors in batches of `batch_prompts` (default generation.batch_prompts)."""
+
+    @abstractmethod
+    def compare(self, prompts: Sequence[Prompt], responses: Sequence[str], baselines: Sequence[str]) -> list:
+        """A relative reranker's margin of each response over its baseline (`RewardActor.compare`)."""
 
     @abstractmethod
     def load_weights(self, version: int, weights) -> list[dict]:
@@ -142,6 +152,9 @@ class LocalRuntime(Runtime):
             if on_batch:
                 on_batch(len(batch))
         return out
+
+    def compare(self, prompts, responses, baselines) -> list:
+        return self.reward.compare(prompts, responses, baselines)
 
     def load_weights(self, version, weights) -> list[dict]:
         return [self.generator.load_weights(version, weights)]
@@ -240,6 +253,23 @@ class RayRuntime(Runtime):
             out.add(cands, report)
         out.faults = dict(pool.faults)
         return out
+
+    def compare(self, prompts, responses, baselines) -> list:
+        """On the first reward actor that answers (a few dozen pairs: not worth spreading)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        failed = []
+        for i, actor in enumerate(self.rewards):
+            try:
+                ref = actor.compare.remote(list(prompts), list(responses), list(baselines))
+                return ray.get(ref, timeout=self.cfg.faults.call_timeout_s)
+            except (RayActorError, GetTimeoutError) as err:
+                failed.append(f"reward actor {i}: {type(err).__name__}")
+        raise RuntimeError(
+            f"no reward actor could judge the held-out replies against the initial policy's ({'; '.join(failed)}); "
+            f"see {self.log_file('reward', 0)}"
+        )
 
     def load_weights(self, version, weights) -> list[dict]:
         """Every generator loads `weights` (an ObjectRef to numpy arrays: a zero-copy get on this

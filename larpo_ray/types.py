@@ -22,6 +22,13 @@ class Prompt:
     messages: tuple[tuple[str, str], ...] = ()  # (role, content) before templating, for judges
     answer: str | None = None  # reference answer for verifiable tasks; None otherwise
 
+    @property
+    def question(self) -> str:
+        """What a reranker that reads the prompt is shown: the last user turn (the templated text
+        when the prompt has no messages, e.g. a bare-text prompt column)."""
+        users = [content for role, content in self.messages if role == "user"]
+        return users[-1] if users else self.text
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -76,3 +83,11 @@ class TrainResult:
 
 class ScorerError(RuntimeError):
     """A scorer that cannot produce scores (down, misconfigured, returning garbage)."""
+
+
+@dataclass
+class GroupScores:
+    """What a relative reranker (actors.reward.GroupScorer) answers for one prompt's responses."""
+
+    scores: list[float]  # one per response, higher is better; equal scores are a tie
+    calls: int  # model forwards (pairwise: ordered pairs) or judge answers (listwise, re-asks included)

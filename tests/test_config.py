@@ -28,6 +28,8 @@ ENTRIES = [(key, name) for key, registry in REGISTRIES.items() for name in regis
 NEEDS = {
     ("reward.kind", "model"): ["--reward.model_path", "some/reward-model"],
     ("reward.kind", "http"): ["--reward.url", "https://rm.example/score"],
+    ("reward.kind", "pairwise"): ["--reward.model_path", "llm-blender/PairRM-hf"],
+    ("reward.kind", "listwise"): ["--reward.url", "http://judge.example/v1", "--reward.judge_model", "judge"],
 }
 
 
@@ -156,7 +158,7 @@ def test_paper_recipes_hold_the_papers_settings():
         base.learner.lr,
         base.learner.epochs,
     ) == (10, [1.0], 3, 5e-7, 2)
-    assert (base.lists.top, base.lists.bottom, base.lists.keep_order, base.reward.kind) == (1, 3, False, "model")
+    assert (base.lists.top, base.lists.bottom, base.lists.keep_order, base.reward.kind) == (1, 3, False, "pairwise")
     instruct = load_config(preset="paper-mistral7b-instruct-lambdarank")
     assert (instruct.loss.name, instruct.lists.top, instruct.lists.bottom, instruct.generation.temperature) == (
         "lambdarank",

@@ -23,7 +23,7 @@ def tiny_tokenizer():
 
 
 def test_every_paper_recipe_is_covered():
-    assert len(RECIPES) == 9 and "paper-math-mistral7b.yaml" in RECIPES
+    assert len(RECIPES) == 11 and "paper-math-mistral7b.yaml" in RECIPES
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -46,7 +46,29 @@ def test_paper_recipe_loads_the_papers_train_and_held_out_sets(recipe, monkeypat
         assert [p.messages[0][1] for p in out.eval] == [q for q, _ in pub.ALPACA_EVAL_ROWS]
         assert not any("answer to:" in p.text for p in everything)  # no reply of the data set in a prompt
         assert all(p.answer is None for p in everything)
-        assert cfg.data.num_eval == 805 and cfg.reward.kind == "model"
+        assert cfg.data.num_eval == 805 and cfg.reward.kind == RERANKER[recipe]
+
+
+# The paper's rerankers: PairRM for its AlpacaEval 2 tables, FsfairX for its FsfairX rows (and, in
+# our reading, the objective study, whose reward the paper does not name), the rule for math.
+RERANKER = {
+    **{
+        f"paper-mistral7b-{m}-{loss}.yaml": "pairwise"
+        for m in ("base", "instruct")
+        for loss in ("contrastive", "lambdarank")
+    },
+    **{f"paper-mistral7b-{m}-contrastive-fsfairx.yaml": "model" for m in ("base", "instruct")},
+    **{f"paper-study-gemma2-{loss}.yaml": "model" for loss in ("pairwise", "contrastive", "lambdarank", "listmle")},
+}
+
+
+def test_recipes_name_the_papers_rerankers():
+    for recipe, kind in RERANKER.items():
+        reward = load_config(str(CONFIGS_DIR / recipe)).reward
+        assert reward.kind == kind, recipe
+        assert (
+            reward.model_path == {"pairwise": "llm-blender/PairRM-hf", "model": "sfairXC/FsfairX-LLaMA3-RM-v0.1"}[kind]
+        )
 
 
 def test_math_recipe_runs_an_iteration_on_its_data(monkeypatch, tmp_path, capsys):

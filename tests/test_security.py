@@ -347,7 +347,7 @@ def test_http_scorer_verifies_tls_by_default(https_scorer, self_signed):
 
 def test_http_scorer_without_verification_warns(https_scorer, caplog):
     url, _ = https_scorer
-    with caplog.at_level("WARNING", logger="actors.reward"):
+    with caplog.at_level("WARNING", logger="actors.http_scorer"):
         scorer = HTTPScorer(url, verify_tls=False)
     assert "reward.verify_tls = false" in caplog.text and "reward.ca_bundle" in caplog.text
     with pytest.warns(Warning):  # urllib3's InsecureRequestWarning, on every unverified request
