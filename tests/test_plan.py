@@ -245,3 +245,13 @@ def test_dry_run_that_does_not_fit_exits_2(capsys, tmp_path):
         "offers (the biggest, 16cpu, has 16 CPU, 0 GPU, 45 GiB memory)" in err
     )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS_DIR.glob("paper-*.yaml")))
+def test_every_paper_recipe_plans_on_the_node_type_it_names(recipe):
+    """`--dry-run` of any paper recipe answers with a plan (the math and Gemma2 recipes once named
+    no node type and got a PlanError against this machine)."""
+    cfg = load_config(str(CONFIGS_DIR / recipe))
+    assert cfg.resources.nodes == "8xH100"
+    plan = make_plan(cfg)
+    assert [node.type.name for node in plan.nodes] == ["8xH100"]
