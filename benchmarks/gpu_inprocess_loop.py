@@ -29,9 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_learner_step import SHAPES  # the GPU benchmarks' Llama shapes (1b: Llama-3.2-1B's, tied here)
+
 ROOT = Path(__file__).resolve().parent.parent
-# Llama-shaped models: (hidden, layers, heads, kv heads, intermediate, vocab); 1b is Llama-3.2-1B's shape.
-SHAPES = {"tiny": (64, 2, 4, 2, 256, 2048), "1b": (2048, 16, 32, 8, 8192, 128256)}
 
 
 def build(shape: str, tokenizer_dir: str, out: Path, device: str):

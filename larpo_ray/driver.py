@@ -375,8 +375,10 @@ def evaluate(
         )
     rewards = {sc.candidate.prompt_uid: sc.reward for sc in greedy.scored}
     texts = {c.prompt_uid: c.text for c in greedy.candidates}
-    if cfg.reward.kind in RELATIVE_SCORERS:
-        rewards = _margins(runtime, held_out, texts, initial_responses or texts)
+    if cfg.reward.kind in RELATIVE_SCORERS:  # the initial policy against itself: every margin is 0
+        rewards = (
+            _margins(runtime, held_out, texts, initial_responses) if initial_responses else dict.fromkeys(texts, 0.0)
+        )
     out = {"eval/mean_reward": mean(rewards.values()), "eval/n_scored": float(len(rewards))}
     answers = {p.uid: reference_answer(p.answer) for p in held_out if p.answer is not None}
     correct = {u: binary_reward(texts[u], a) for u, a in answers.items() if u in texts}

@@ -25,22 +25,13 @@ def test_gpu_learner_step_smoke(tmp_path):
 
 def test_gpu_inprocess_loop_smoke(tmp_path):
     """The in-process loop (HF engine, reward model, DeepSpeed ZeRO-3 learner) on the tiny shape."""
-    out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_inprocess_loop.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result = _run("gpu_inprocess_loop.py", tmp_path)
     assert result["rc"] == 0 and result["shape"] == "tiny" and result["metrics"]["lists/n_lists"] > 0
     assert result["metrics"]["train/tokens"] > 0 and 0 < result["mfu"] < 1
 
 
-def _smoke(script: str, tmp_path) -> dict:
-    """Run benchmarks/<script> --smoke and return its JSON (scripts of issue 5, CPU)."""
+def _run(script: str, tmp_path) -> dict:
+    """Run benchmarks/<script> --smoke and return its JSON."""
     out = tmp_path / f"{script}.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
@@ -50,7 +41,12 @@ def _smoke(script: str, tmp_path) -> dict:
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _smoke(script: str, tmp_path) -> dict:
+    """`_run` for the scripts of issue 5 (CPU), which describe the machine they ran on."""
+    result = _run(script, tmp_path)
     assert result["smoke"] and result["machine"]["cpu_cores"] > 0 and result["machine"]["torch_threads"] > 0
     return result
 
