@@ -18,6 +18,11 @@ Data-parallel and accumulation arithmetic (larpo_ray/losses.py, "Data-parallel r
   boundary is set by hand, so only the last micro-batch of a step reduces gradients;
 - every rank runs the same number of forward/backward passes (ZeRO-2/3 collectives must match):
   ranks with fewer micro-batches run a 2-token dummy whose loss is multiplied by 0.
+
+Hardware use, in every iteration's metrics: `padding_frac` (padding tokens / tokens of the training
+forwards; small with `learner.packing`, larpo_ray/batching.py) and `mfu` (useful training FLOPs,
+larpo_ray/flops.py, / train_seconds / `peak_gflops`, the matmul peak each worker measures once at
+start in its training dtype, summed over the workers).
 """
 
 from __future__ import annotations
@@ -44,13 +49,25 @@ from larpo_ray.batching import ListBatch, collate, micro_batches, model_logps, s
 from larpo_ray.checkpoint import load_optimizer, save_optimizer, write_json
 from larpo_ray.choices import LOSS_SPECS
 from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
+from larpo_ray.flops import matmul_peak, training_flops
 from larpo_ray.losses import LOSSES, best_nll
 from larpo_ray.models import load_causal_lm, load_tokenizer
 from larpo_ray.stats import mean
 from larpo_ray.types import RankedList, TrainResult
 
 # Order of the per-step sums that are all-reduced (weights follow losses.py's reduction rule).
-_SUMS = ("loss", "n_active", "n_pairs", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "tokens")
+# `forward_tokens` counts the training forwards' tokens, padding included.
+_SUMS = (
+    "loss",
+    "n_active",
+    "n_pairs",
+    "reward_accuracy",
+    "margin",
+    "chosen_reward",
+    "rejected_reward",
+    "tokens",
+    "forward_tokens",
+)
 _WEIGHT = {
     "loss": "n_active",
     "reward_accuracy": "n_pairs",
@@ -188,6 +205,13 @@ class LearnerWorker:
             self.initial = frozen_initial(model, model_path, model_cfg, resume_from is not None, bf16)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
+        if learner_cfg.packing and "flash" in (model.config._attn_implementation or ""):
+            raise ValueError(  # flash kernels isolate packed sequences only in a single row
+                f"learner.packing packs several rows, which {model.config._attn_implementation} does not "
+                "isolate: set learner.packing = false"
+            )
+        # packed rows of hidden_size tokens: attention adds <= ~1/6 of the matmuls (batching.py)
+        self.row_tokens = model.config.hidden_size if learner_cfg.packing else None
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -202,6 +226,9 @@ class LearnerWorker:
         # optimizer steps over all iterations (step_metrics' `step`)
         self.global_step = self.checkpoint_io.load_checkpoint(resume_from) if resume_from is not None else 0
         self.last_reference_logps: list[list[float]] = []  # per input list of the last iteration
+        # MFU's denominator: every worker's matmul peak in the training dtype, measured once.
+        peak = matmul_peak(self.engine.device, torch.bfloat16 if bf16 else model.dtype)
+        self.peak_flops = float(self._all_reduce(torch.tensor([peak], dtype=torch.float64))[0])
 
     # ---- collectives ---------------------------------------------------------------------------
 
@@ -242,7 +269,8 @@ class LearnerWorker:
 
         def groups(rank: int) -> list[list[int]]:
             mine = [indices[i] for i in shard(len(indices), rank, self.world_size)]
-            return [[mine[i] for i in g] for g in micro_batches([lists[i] for i in mine], self.cfg.micro_batch_tokens)]
+            groups = micro_batches([lists[i] for i in mine], self.cfg.micro_batch_tokens, self.cfg.packing)
+            return [[mine[i] for i in g] for g in groups]
 
         return groups(self.rank), max(len(groups(r)) for r in range(self.world_size))
 
@@ -256,7 +284,7 @@ class LearnerWorker:
         flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
         groups, n_micro = self._plan(lists, range(len(lists)))
         for group in groups:
-            logp_N = self._logps(model, collate([lists[i] for i in group], self.pad_id)).cpu()
+            logp_N = self._logps(model, collate([lists[i] for i in group], self.pad_id, self.row_tokens)).cpu()
             flat[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])] = logp_N
         for _ in range(n_micro - len(groups)):
             self._dummy_forward(model)
@@ -271,7 +299,7 @@ class LearnerWorker:
         rank). Metrics are global: loss, reward_accuracy, margin, chosen/rejected_reward are
         means over the iteration's steps (weighted as in losses.py); n_active / n_no_pair /
         n_pairs count the iteration's lists; tokens (trained, all epochs) and tokens_per_s
-        exclude the reference pass (ref_seconds)."""
+        exclude the reference pass (ref_seconds), as do flops, mfu and padding_frac."""
         self._check_same_lists(lists)
         active = [lst for lst in lists if has_strict_pair(lst)]
         start = time.perf_counter()
@@ -294,6 +322,8 @@ class LearnerWorker:
             )
             self.global_step += 1
         train_seconds = time.perf_counter() - start
+        flops = self.cfg.epochs * training_flops(active, self.engine.module.config)  # each epoch: every list
+        tokens, forward_tokens = (float(sums[_SUMS.index(k)]) for k in ("tokens", "forward_tokens"))
         metrics = {
             **_means(sums),
             "n_active": float(len(active)),
@@ -302,9 +332,13 @@ class LearnerWorker:
             "grad_norm": mean((m["grad_norm"] for m in step_metrics), empty=0.0),  # no step: nothing moved
             "lr": mean((m["lr"] for m in step_metrics), empty=0.0),
             "steps": float(len(steps)),
-            "tokens_per_s": float(sums[_SUMS.index("tokens")]) / max(train_seconds, 1e-9),
+            "tokens_per_s": tokens / max(train_seconds, 1e-9),
             "ref_seconds": ref_seconds,
             "train_seconds": train_seconds,
+            "padding_frac": 1.0 - tokens / max(forward_tokens, 1.0),
+            "flops": flops,
+            "peak_gflops": self.peak_flops / 1e9,
+            "mfu": flops / max(train_seconds, 1e-9) / self.peak_flops,
         }
         return TrainResult(iteration + 1, metrics, step_metrics)
 
@@ -347,7 +381,7 @@ class LearnerWorker:
 
     def _micro_loss(self, lists: list[RankedList], ref: list[Tensor]) -> tuple[Tensor, dict]:
         """Ranking loss of one micro-batch of whole lists (mean over its active prompts)."""
-        batch = collate(lists, self.pad_id)
+        batch = collate(lists, self.pad_id, self.row_tokens)
         policy_BK = to_BK(self._logps(self.engine, batch), batch.seq_index_BK.to(self.engine.device))
         ref_N = torch.cat(ref).to(policy_BK.device)
         ref_BK = to_BK(ref_N, batch.seq_index_BK.to(policy_BK.device))
@@ -361,7 +395,7 @@ class LearnerWorker:
                         [len(c.candidate.token_ids) for c in lst.candidates]
                     )
             loss = loss + self.loss_cfg.sft_weight * best_nll(policy_BK, lengths_BK, labels_BK, mask_BK)
-        return loss, {**metrics, "tokens": float(batch.num_tokens)}
+        return loss, {**metrics, "tokens": float(batch.num_tokens), "forward_tokens": float(batch.input_ids_ST.numel())}
 
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping (ZeRO 0 fp32: DeepSpeed does not record it).

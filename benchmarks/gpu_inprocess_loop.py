@@ -6,10 +6,12 @@ one GPU), on a Llama-shaped model built from its config with random weights. It 
 system, not alignment: the reranker is a tiny random scalar-head reward model whose scores only
 make the lists non-trivial.
 
-MFU = training FLOPs / train_seconds / peak, FLOPs = 6 x parameters (the tied embedding counted
-once, as the LM head) x trained tokens (attention scores left out: < 2% at these lengths), against
-a large bf16 matmul timed in the same process (not the datasheet). The reference pass (one forward) is reported
-apart (`ref_seconds`), as are generation and evaluation.
+MFU = training FLOPs / train_seconds / peak, FLOPs = the learner's own `train/flops` (useful work,
+larpo_ray/flops.py: the LM head on response tokens only), against a large bf16 matmul timed in
+the same process (not the datasheet; the learner's `train/mfu` uses its own shorter one). The
+reference pass (one forward) is reported apart (`ref_seconds`), as are generation and evaluation.
+Results before that count (6 x parameters x tokens: the head over every token) keep their old
+figure as `mfu_old_count`.
 
     python benchmarks/gpu_inprocess_loop.py --shape 1b --out results.json   # a GPU box
     python benchmarks/gpu_inprocess_loop.py --smoke --out /tmp/x.json       # CPU, seconds (CI)
@@ -187,11 +189,7 @@ def main() -> int:
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     result["metrics"] = {k: v for k, v in last.items() if k.startswith(("train/", "timing/", "rollout/", "lists/"))}
-    # Tied embedding = the LM head: its parameters count once, as the head's matmul (over every
-    # position, as the learner's forward computes them). Attention scores are left out: at these
-    # lengths (< 300 tokens) they add < 2% to the count.
-    tokens, seconds = last["train/tokens"], last["train/train_seconds"]
-    flops = 6 * params * tokens
+    seconds, flops = last["train/train_seconds"], last["train/flops"]
     result["train_flops"] = flops
     result["mfu"] = flops / seconds / result["peak_flops"]
     result["seconds_per_step"] = seconds / max(1.0, last["train/steps"])

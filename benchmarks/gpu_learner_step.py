@@ -7,12 +7,15 @@ One step = collate ranked lists -> policy forward with grad -> sequence log-prob
 against fixed reference log-probs -> backward -> AdamW. The reference pass (no grad, once per
 iteration in the real learner) is timed separately.
 
-MFU = achieved FLOP/s / peak, with FLOPs per token = 6 x (matmul parameters, LM head included)
-+ 12 x layers x hidden x sequence length (attention scores), for the real (unpadded) tokens; the
-peak is a large square bf16 matmul timed here, not the datasheet.
+MFU = achieved FLOP/s / peak, with the useful FLOPs of larpo_ray/flops.py (6 x block matmul
+params x real tokens + attention scores + the LM head on response tokens only: the logits the loss
+reads); the peak is a large square bf16 matmul timed here, not the datasheet. Results written
+before that count (LM head over every token: twice the useful head work here) are re-stated from
+their recorded timings with `--restate`: `mfu` is the corrected figure, `mfu_old_count` the old.
 
     python benchmarks/gpu_learner_step.py --model 1b --out results.json      # on a GPU
     python benchmarks/gpu_learner_step.py --smoke                            # CPU, seconds (CI)
+    python benchmarks/gpu_learner_step.py --restate benchmarks/results/gpu_learner_step_h200_*.json
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from larpo_ray.batching import collate, model_logps, to_BK  # noqa: E402
+from larpo_ray.flops import training_flops  # noqa: E402
 from larpo_ray.losses import LOSSES  # noqa: E402
 from larpo_ray.types import Candidate, Prompt, RankedList, ScoredCandidate  # noqa: E402
 
@@ -95,11 +99,43 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def flops_per_token(cfg, seq_len: float) -> float:
-    h, layers, kv_ratio = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads / cfg.num_attention_heads
-    per_layer = h * h * (2 + 2 * kv_ratio) + 3 * h * cfg.intermediate_size  # q, o, k, v, MLP
-    matmul_params = layers * per_layer + h * cfg.vocab_size  # + LM head
-    return 6 * matmul_params + 12 * layers * h * seq_len
+def shape_config(name: str):
+    """The Llama config of a SHAPES entry (for FLOP counts: no weights)."""
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[name]
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+    )
+
+
+def restate(path: Path) -> dict:
+    """Recompute a recorded result's MFU with the useful-FLOP count (module docstring) from its
+    timings and shapes: its lists are rebuilt from the seed (default lengths unless recorded),
+    checked against the recorded token counts, and the file is rewritten with `mfu` and
+    `achieved_tflops` corrected, the old figures kept as `mfu_old_count` / `achieved_tflops_old_count`."""
+    result = json.loads(path.read_text())
+    if "mfu_old_count" in result:
+        return result  # already re-stated
+    cfg = shape_config(result["model"])
+    lists = make_lists(
+        result["lists"], result["k"], result.get("prompt_len", 256), result.get("response_len", 256), cfg.vocab_size, 0
+    )
+    batch = collate(lists, pad_id=0)
+    if (batch.num_tokens, batch.input_ids_ST.numel()) != (result["tokens_per_step"], result["padded_tokens"]):
+        raise ValueError(f"{path}: the rebuilt lists do not match the recorded token counts; cannot re-state")
+    achieved = training_flops(lists, cfg) / result["step_seconds_median"]
+    result["achieved_tflops_old_count"] = result.pop("achieved_tflops")
+    result["mfu_old_count"] = result.pop("mfu_vs_measured_peak")
+    result["achieved_tflops"] = achieved / 1e12
+    result["mfu"] = achieved / (result["matmul_peak_tflops"] * 1e12)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def run(args) -> dict:
@@ -130,8 +166,7 @@ def run(args) -> dict:
             times.append(time.perf_counter() - t0)
     tokens = batch.num_tokens
     step_s = sorted(times)[len(times) // 2]
-    mean_len = tokens / batch.input_ids_NT.shape[0]
-    achieved = flops_per_token(cfg, mean_len) * tokens / step_s
+    achieved = training_flops(lists, cfg) / step_s
     peak = matmul_peak(device, dtype, args.peak_n, args.peak_reps)
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -141,15 +176,17 @@ def run(args) -> dict:
         "loss_name": args.loss,
         "lists": args.lists,
         "k": args.k,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
         "tokens_per_step": tokens,
-        "padded_tokens": batch.input_ids_NT.numel(),
+        "padded_tokens": batch.input_ids_ST.numel(),
         "step_seconds_median": step_s,
         "train_tokens_per_s": tokens / step_s,
         "reference_seconds": ref_s,
         "reference_tokens_per_s": tokens / ref_s,
         "achieved_tflops": achieved / 1e12,
         "matmul_peak_tflops": peak / 1e12,
-        "mfu_vs_measured_peak": achieved / peak,
+        "mfu": achieved / peak,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
         "final_loss": float(loss.detach()),
     }
@@ -174,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-reps", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CPU, CI)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--restate", nargs="+", type=Path, help="re-state these result files' MFU (no run)")
     args = parser.parse_args(argv)
+    if args.restate:
+        for path in args.restate:
+            r = restate(path)
+            print(f"{path}: mfu {r['mfu']:.3f} (old count {r['mfu_old_count']:.3f})")
+        return 0
     if args.smoke:
         args.model, args.lists, args.k, args.prompt_len, args.response_len = "tiny", 2, 3, 16, 16
         args.steps, args.warmup, args.peak_n, args.peak_reps = 2, 1, 256, 2

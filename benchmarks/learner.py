@@ -8,16 +8,16 @@ fresh worker, warms up on one optimizer step, then trains one timed iteration; t
 metrics give the times: `ref_seconds` (reference log-probs, no grad, once per iteration) and
 `train_seconds` (forward + backward + optimizer steps).
 
-FLOPs (useful work on real tokens, padding excluded; the formula of gpu_learner_step.py):
-    per token, forward+backward  6 x block matmul params (q, k, v, o, MLP)
-                                 + 12 x layers x hidden x sequence length (attention scores)
-    per response position        6 x hidden x vocab (LM head: `model_logps` keeps logits only
-                                 from the token before the earliest response on)
-The reference pass is forward only (a third of that). `mfu_6n` is the usual 6 x all params x
-tokens, for comparison. Peak = a large square fp32 `torch.matmul` with the same thread count,
-the best of a measurement before and after the sweep.
+FLOPs: useful work on real tokens (larpo_ray/flops.py: 6 x block matmul params x tokens +
+attention scores + the LM head on response positions only; padding excluded). The reference pass
+is forward only (a third of that). `mfu_6n` is the usual 6 x all params x tokens, for comparison.
+Peak = a large square fp32 `torch.matmul` with the same thread count, the best of a measurement
+before and after the sweep (`larpo_ray.flops.matmul_peak`; the worker's own `mfu` metric uses a
+shorter one taken at its start). `padding_frac` is the worker's: padding / forward tokens.
+`--layouts packed padded` compares `learner.packing` on and off (the first is used for the sweeps).
 
     python benchmarks/learner.py                       # SmolLM2-135M + tiny, ZeRO 0-3, micro-batch sweep
+    python benchmarks/learner.py --models tiny --zero-stages 0 --layouts packed padded
     python benchmarks/learner.py --models tiny --zero-stages 0 2
     python benchmarks/learner.py --smoke               # CI: tiny model, ZeRO 0 and 3, seconds
 """
@@ -37,17 +37,13 @@ from machine import cpu_environment, describe, save, table  # noqa: E402
 TARGET_MFU = 0.5  # issue 5: MFU >= 50% of the measured peak
 
 
-def matmul_peak(n: int, reps: int) -> float:
-    """fp32 FLOP/s of an n x n matmul with torch's current thread count."""
+def matmul_peak(n: int, seconds: float) -> float:
+    """fp32 FLOP/s of an n x n matmul on the CPU with torch's current thread count."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    from larpo_ray.flops import matmul_peak as measure
+
+    return measure("cpu", torch.float32, n, seconds)
 
 
 def make_lists(prompts, n_lists: int, k: int, vocab: int, seed: int, resp_range=(16, 64)):
@@ -68,31 +64,18 @@ def make_lists(prompts, n_lists: int, k: int, vocab: int, seed: int, resp_range=
     return lists
 
 
-def useful_flops(lists, hf_cfg) -> tuple[float, float]:
-    """(training FLOPs, 6N FLOPs) of one pass over `lists`, real tokens only (see docstring)."""
-    h, layers = hf_cfg.hidden_size, hf_cfg.num_hidden_layers
-    kv_ratio = hf_cfg.num_key_value_heads / hf_cfg.num_attention_heads
-    block = layers * (h * h * (2 + 2 * kv_ratio) + 3 * h * hf_cfg.intermediate_size)
-    total = 0.0
-    tokens = 0
-    for lst in lists:
-        for sc in lst.candidates:
-            length = len(lst.prompt.token_ids) + len(sc.candidate.token_ids)
-            tokens += length
-            total += 6 * block * length + 12 * layers * h * length * length
-            total += 6 * h * hf_cfg.vocab_size * (len(sc.candidate.token_ids) + 1)
-    return total, tokens
-
-
-def bench_config(path: str, lists, warm, zero: int, mbt: int, args) -> dict:
+def bench_config(path: str, lists, warm, zero: int, mbt: int, layout: str, args) -> dict:
     import torch
 
     from actors.learner import LearnerWorker
+    from larpo_ray.batching import real_tokens
     from larpo_ray.config import LearnerConfig, LossConfig, ModelConfig
+    from larpo_ray.flops import training_flops
 
     learner_cfg = LearnerConfig(
         zero_stage=zero,
         micro_batch_tokens=mbt,
+        packing=layout == "packed",
         epochs=1,
         prompts_per_step=args.prompts_per_step,
         num_workers=1,
@@ -107,24 +90,22 @@ def bench_config(path: str, lists, warm, zero: int, mbt: int, args) -> dict:
     params = sum(p.numel() for p in worker.engine.module.parameters())
     if zero == 3:  # partitioned: numel() of the local shard is 0; ds_numel is the full size
         params = sum(getattr(p, "ds_numel", p.numel()) for p in worker.engine.module.parameters())
-    flops, tokens = useful_flops(lists, hf_cfg)
-    from larpo_ray.batching import micro_batches, padded_tokens
-
-    groups = micro_batches(lists, mbt)
-    padded = sum(padded_tokens([lists[i] for i in g]) for g in groups)
+    flops, tokens = training_flops(lists, hf_cfg), real_tokens(lists)
     del worker
     gc.collect()
     return {
         "zero_stage": zero,
         "micro_batch_tokens": mbt,
+        "layout": layout,
         "build_s": build_s,
         "params": params,
         "lists": len(lists),
         "steps": m["steps"],
         "tokens": tokens,
-        "padded_tokens": padded,
-        "padding_waste": 1 - tokens / padded,
-        "micro_batches": len(groups),
+        "forward_tokens": m["forward_tokens"],
+        "padding_frac": m["padding_frac"],
+        "worker_mfu": m["mfu"],
+        "worker_peak_gflops": m["peak_gflops"],
         "train_seconds": m["train_seconds"],
         "ref_seconds": m["ref_seconds"],
         "train_tokens_per_s": tokens / m["train_seconds"],
@@ -148,14 +129,16 @@ def bench_model(model: str, args) -> dict:
     prompts = load_prompts(DataConfig(num_train=args.lists, num_eval=1), tok).train
     lists = make_lists(prompts, args.lists, args.k, len(tok), seed=1)
     warm = make_lists(prompts, args.prompts_per_step, args.k, len(tok), seed=2)
-    configs = [(z, args.micro_batch_tokens[0]) for z in args.zero_stages]
-    configs += [(args.zero_stages[0], t) for t in args.micro_batch_tokens[1:]]
+    first = (args.zero_stages[0], args.micro_batch_tokens[0], args.layouts[0])
+    configs = [(z, first[1], first[2]) for z in args.zero_stages]
+    configs += [(first[0], t, first[2]) for t in args.micro_batch_tokens[1:]]
+    configs += [(first[0], first[1], layout) for layout in args.layouts[1:]]
     rows = []
-    for zero, mbt in configs:
-        rows.append({"model": model, **bench_config(path, lists, warm, zero, mbt, args)})
+    for zero, mbt, layout in configs:
+        rows.append({"model": model, **bench_config(path, lists, warm, zero, mbt, layout, args)})
         r = rows[-1]
         print(
-            f"  {model} zero {zero} micro {mbt}: train {r['train_tokens_per_s']:.0f} tok/s "
+            f"  {model} zero {zero} micro {mbt} {layout}: train {r['train_tokens_per_s']:.0f} tok/s "
             f"{r['train_gflops']:.1f} GFLOP/s, ref {r['ref_tokens_per_s']:.0f} tok/s",
             flush=True,
         )
@@ -178,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         default=[4096, 1024, 2048, 8192],
         help="the first is used for the ZeRO sweep; the rest are swept at the first ZeRO stage",
     )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=["packed", "padded"],
+        default=["packed", "padded"],
+        help="learner.packing on / off; the first is used for the sweeps, the rest at the first ZeRO stage",
+    )
     parser.add_argument("--lists", type=int, default=16, help="lists in the timed iteration")
     parser.add_argument("--k", type=int, default=2, help="candidates per list (default run: top/bottom = 2)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--peak-n", type=int, default=2048)
-    parser.add_argument("--peak-reps", type=int, default=10)
+    parser.add_argument("--peak-seconds", type=float, default=1.0)
     parser.add_argument("--smoke", action="store_true", help="tiny model, ZeRO 0 and 3, 4 lists (CI)")
     parser.add_argument(
         "--out", type=Path, help="JSON result (default benchmarks/results/learner_<machine>_<date>.json)"
@@ -190,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.zero_stages, args.micro_batch_tokens = ["tiny"], [0, 3], [4096, 1024]
-        args.lists, args.prompts_per_step, args.peak_n, args.peak_reps = 4, 2, 512, 5
+        args.lists, args.prompts_per_step, args.peak_n, args.peak_seconds = 4, 2, 512, 0.2
     cpu_environment()
-    peak_before = matmul_peak(args.peak_n, args.peak_reps)
+    peak_before = matmul_peak(args.peak_n, args.peak_seconds)
     models = [bench_model(m, args) for m in args.models]
-    peak_after = matmul_peak(args.peak_n, args.peak_reps)
+    peak_after = matmul_peak(args.peak_n, args.peak_seconds)
     peak = max(peak_before, peak_after)
     for m in models:
         for r in m["configs"]:
@@ -213,14 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_after_gflops": peak_after / 1e9,
         "peak_n": args.peak_n,
         "flops_formula": "6 x block matmul params x tokens + 12 x layers x hidden x seq_len x tokens "
-        "+ 6 x hidden x vocab x response positions; real tokens only",
+        "+ 6 x hidden x vocab x response tokens; real tokens only (larpo_ray/flops.py)",
         "models": models,
     }
     cols = [
         ("model", "model", "{}"),
         ("ZeRO", "zero_stage", "{}"),
         ("micro tok", "micro_batch_tokens", "{}"),
-        ("pad waste", "padding_waste", "{:.0%}"),
+        ("layout", "layout", "{}"),
+        ("padding", "padding_frac", "{:.0%}"),
         ("train tok/s", "train_tokens_per_s", "{:.0f}"),
         ("GFLOP/s", "train_gflops", "{:.1f}"),
         ("MFU", "mfu", "{:.1%}"),

@@ -79,6 +79,7 @@ class LoopState:
     steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl rows so far
     config: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+    pending: list[dict[str, Any]] = field(default_factory=list)  # async: rollouts sampled ahead (pipeline.Drawn)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **vars(self)}

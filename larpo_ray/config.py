@@ -296,7 +296,12 @@ class LearnerConfig(Group):
     lr: float = knob(1e-5, "peak learning rate (paper: 5e-7 for 7B chat models)")
     epochs: int = knob(1, "passes over each iteration's lists (paper: 2)")
     prompts_per_step: int = knob(8, "lists (prompts) per optimizer step, over all workers")
-    micro_batch_tokens: int = knob(4096, "max padded tokens per forward/backward (bounds memory)")
+    micro_batch_tokens: int = knob(4096, "max tokens per forward/backward (bounds memory; packed: real tokens)")
+    packing: bool = knob(
+        True,
+        "pack a micro-batch's sequences into rows as long as its longest one, attention restricted to each "
+        "sequence (no padding work); false: one right-padded row per sequence",
+    )
     schedule: Literal["constant", "linear", "cosine"] = knob(
         "constant", "learning-rate schedule within an iteration, after warm-up"
     )
@@ -348,9 +353,20 @@ class LoopConfig(Group):
     )
     keep_checkpoints: int = knob(2, "checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)")
     save_optimizer: bool = knob(True, "include the optimizer state in checkpoints (an exact resume needs it)")
+    mode: Literal["sync", "async"] = knob(
+        "sync",
+        "sync: generate, then train, one after the other; async: the generators sample the next iteration's "
+        "candidates with the weights they hold while the learner trains (larpo_ray.pipeline)",
+    )
+    max_staleness: int = knob(
+        1,
+        "async: policy versions a fresh candidate may lag behind the policy it trains; also how many rollouts the "
+        "generators may run ahead (1: one rollout ahead, reproducible; more: which weights sample depends on timing)",
+    )
 
     def check(self) -> None:
         self._require(self.iterations >= 1, "iterations", ">= 1")
+        self._require(self.max_staleness >= 1, "max_staleness", ">= 1 (async mode samples with the previous weights)")
         self._require(self.checkpoint_every >= 0, "checkpoint_every", ">= 0")
         self._require(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
         self._require(self.prompts_per_iteration >= 1, "prompts_per_iteration", ">= 1")

@@ -2,12 +2,18 @@
 `RayRuntime.rollout`), with fault handling: re-dispatch, waiting for restarts, killing hung calls,
 re-loading weights. Which actor holds a slot and how often it died is the `Fleet`'s
 (larpo_ray/fleet.py); what is kept here lives for one rollout.
+
+Prompt batches go to the first generator with room, not round-robin: a generator holds at most
+`GENERATOR_DEPTH` calls (one running, one queued behind it so it never idles between calls), so one
+that drew slow batches gets fewer instead of becoming the straggler. Which generator runs a batch
+does not change its candidates: their seeds derive from (seed, prompt, slot).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +24,7 @@ from larpo_ray.types import Candidate, Prompt
 
 POLL_S = 1.0  # how often a rollout checks for hung actors
 RESTART_BACKOFF_S = 2.0  # wait before calling an actor Ray is restarting again
+GENERATOR_DEPTH = 2  # calls a generator may hold while more batches wait than there are generators
 
 Outcome = Literal["idle", "actor_down", "stale_weights", "generated", "scored"]  # Dispatcher.next_outcome
 
@@ -35,7 +42,8 @@ class _Call:
 
 
 class Dispatcher:
-    """One rollout: `generate(b)` sends each prompt batch out, `results()` yields its scores."""
+    """One rollout: `generate(b)` queues each prompt batch, `results()` sends them to generators as
+    they have room and yields the scores."""
 
     def __init__(
         self,
@@ -51,6 +59,8 @@ class Dispatcher:
         self.fleet, self.faults_cfg, self.log_file, self.work = fleet, faults, log_file, work
         self.args, self.iteration = args, iteration
         self.calls: dict[object, _Call] = {}  # ObjectRef -> its call
+        self.load: Counter[tuple[str, int]] = Counter()  # (role, slot) -> its calls in flight
+        self.queue: list[tuple[int, int | None]] = []  # (batch, slot to avoid) not yet sent, oldest first
         self.attempts = [0] * len(work)
         self.busy_since: dict[tuple[str, int], float] = {}  # (role, slot) -> start of its current call
         self.version = self.fleet.version  # what every generator must answer with
@@ -61,14 +71,31 @@ class Dispatcher:
         self.next = {"generator": 0, "reward": 0}
 
     def pick(self, role: str, avoid: int | None = None) -> int:
-        """Round-robin for first dispatches; after a failure the least busy other actor."""
+        """Round-robin for first calls; after a failure the least busy other actor (reward calls:
+        batches to generate go by `fill`)."""
         n = len(self.fleet.actors(role))
         if avoid is None:
             i = self.next[role] % n
             self.next[role] += 1
             return i
-        load = [sum(1 for c in self.calls.values() if (c.role, c.slot) == (role, i)) for i in range(n)]
-        return min(range(n), key=lambda i: (i == avoid and n > 1, load[i]))
+        return min(range(n), key=lambda i: (i == avoid and n > 1, self.load[(role, i)]))
+
+    def fill(self) -> None:
+        """Send queued batches, oldest first, to the least busy generators with room. A second call
+        is queued on a generator only while more batches wait than there are generators: near the
+        end it would commit a batch to a generator that may free up after another one."""
+        n = len(self.fleet.actors("generator"))
+        while self.queue:
+            depth = GENERATOR_DEPTH if len(self.queue) > n else 1
+            room = sorted((self.load[("generator", i)], i) for i in range(n) if self.load[("generator", i)] < depth)
+            for j, (b, avoid) in enumerate(self.queue):
+                i = next((i for _, i in room if i != avoid or n == 1), None)
+                if i is not None:
+                    del self.queue[j]
+                    self.submit("generator", i, b)
+                    break
+            else:
+                return  # no room, or only on the generators these batches must avoid
 
     def submit(self, role: str, i: int, b: int, cands=None) -> None:
         actor = self.fleet.actor(role, i)
@@ -82,16 +109,19 @@ class Dispatcher:
             ref = actor.score.remote({p.uid: p for p in self.work[b]}, cands, self.iteration)
         self.busy_since.setdefault((role, i), time.monotonic())
         self.calls[ref] = _Call(role, i, b, cands, self.fleet.incarnation(role, i))
+        self.load[(role, i)] += 1
 
-    def generate(self, b: int, avoid: int | None = None) -> None:
-        self.submit("generator", self.pick("generator", avoid), b)
+    def generate(self, b: int) -> None:
+        """Queue batch b; `results()` sends it when a generator has room."""
+        self.queue.append((b, None))
 
     def results(self, on_batch):
         """Yield (batch index, candidates, ScoreReport) for every batch, in completion order: each
         turn acts on what the next finished call came to (`next_outcome`)."""
         done: set[int] = set()
-        while self.calls or self.waiting:
+        while self.calls or self.waiting or self.queue:
             self.resubmit_due()
+            self.fill()
             call, outcome, value = self.next_outcome()
             if outcome == "idle":
                 self.kill_hung()
@@ -126,6 +156,7 @@ class Dispatcher:
                 time.sleep(POLL_S)
             return None, "idle", None
         call = self.calls.pop(ready[0])
+        self.load[(call.role, call.slot)] -= 1
         try:
             value = ray.get(ready[0], timeout=0)
         except (RayActorError, GetTimeoutError) as err:
@@ -158,7 +189,7 @@ class Dispatcher:
 
     def progress(self, role: str, i: int) -> None:
         """Actor (role, i) finished a call: its next call (if any) starts now."""
-        if any((c.role, c.slot) == (role, i) for c in self.calls.values()):
+        if self.load[(role, i)]:
             self.busy_since[(role, i)] = time.monotonic()
         else:
             self.busy_since.pop((role, i), None)
@@ -219,10 +250,11 @@ class Dispatcher:
         self.redispatch(call)
 
     def redispatch(self, call: _Call) -> None:
-        """Send a call to the least busy actor of its role other than its own (if there is one)."""
+        """Send a call to another actor of its role than its own (if there is one): a batch to
+        generate goes first in the queue, to score to the least busy reward actor."""
         self.count(f"{call.role}_redispatched")
         if call.role == "generator":
-            self.generate(call.batch, avoid=call.slot)
+            self.queue.insert(0, (call.batch, call.slot))
         else:
             self.submit("reward", self.pick("reward", avoid=call.slot), call.batch, call.cands)
 

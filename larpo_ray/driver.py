@@ -9,6 +9,9 @@ business (`larpo_ray.topology`); this module is the same for in-process and Ray 
 Determinism: prompts, list sampling, the learner's step order and every candidate's sampling seed
 derive from (seed, iteration, prompt), so a resumed run, a re-dispatched batch or an iteration
 redone after a learner restart computes what the uninterrupted run computed.
+
+loop.mode = async samples iteration s+1's candidates while iteration s trains (larpo_ray.pipeline
+says when that is reproducible); the steps are the same functions.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from larpo_ray import checkpoint
+from larpo_ray import checkpoint, pipeline
 from larpo_ray.checkpoint import LoopState
 from larpo_ray.choices import RELATIVE_SCORERS
 from larpo_ray.config import Config
 from larpo_ray.learner_group import LearnerRestarted
 from larpo_ray.lists import CandidateMemory, ListStats
+from larpo_ray.pipeline import Drawn
 from larpo_ray.stats import mean
 from larpo_ray.storage import RunStorage
 from larpo_ray.tasks import binary_reward, pass_at_n, reference_answer, win_rate
@@ -68,6 +72,7 @@ def run_loop(
     `run_dir`, a checkpoint is written every loop.checkpoint_every iterations (and copied to the
     run's URI, if `storage` has one). If the learner group
     restarts after a failure it comes back on the newest checkpoint, and the loop rolls back to it.
+    The rollouts come from `pipeline.rollouts` (sampled in turn, or ahead in async mode).
     """
     root = run_dir / "checkpoints" if run_dir is not None else None
     if state is None:
@@ -78,26 +83,31 @@ def run_loop(
         state.records = list(tracker.records)
     else:
         runtime.sync_weights(state.iteration)  # generators <- the policy the learner restored
-    memory = _memory(cfg, state)
-    while state.iteration < cfg.loop.iterations:
-        s = state.iteration
-        try:
-            out = run_iteration(cfg, runtime, memory, train, held_out, state, s, progress)
-            after = advanced(state, out.record, out.steps, memory, out.drawn)
-            if root is not None and _checkpoint_due(cfg, s + 1):
-                start = time.perf_counter()
-                write_checkpoint(cfg, runtime, root, after, storage)
-                out.record["timing/checkpoint"] = time.perf_counter() - start
-        except LearnerRestarted as restart:
-            print(f"larpo-ray: {restart}; rolling back to iteration {restart.iteration}", flush=True)
-            state = rollback(root, restart.iteration, state, tracker)
-            memory = _memory(cfg, state)
-            runtime.sync_weights(state.iteration)
-            continue
-        state = after
-        tracker.log(out.record, out.steps, out.samples, out.answers)
-        if progress:
-            print(summary_line(out.record, cfg.loop.iterations), flush=True)
+    memory, source = _memory(cfg, state), _rollouts(cfg, runtime, train, state, progress)
+    try:
+        while state.iteration < cfg.loop.iterations:
+            s = state.iteration
+            try:
+                out = run_iteration(cfg, runtime, memory, source, held_out, state, s, progress)
+                after = advanced(state, out.record, out.steps, memory, out.drawn, source.pending())
+                if root is not None and _checkpoint_due(cfg, s + 1):
+                    start = time.perf_counter()
+                    write_checkpoint(cfg, runtime, root, after, storage)
+                    out.record["timing/checkpoint"] = time.perf_counter() - start
+            except LearnerRestarted as restart:
+                print(f"larpo-ray: {restart}; rolling back to iteration {restart.iteration}", flush=True)
+                source.close()  # the rollout in flight finishes: the generators are free for the sync
+                state = rollback(root, restart.iteration, state, tracker)
+                memory = _memory(cfg, state)
+                runtime.sync_weights(state.iteration)
+                source = _rollouts(cfg, runtime, train, state, progress)
+                continue
+            state = after
+            tracker.log(out.record, out.steps, out.samples, out.answers)
+            if progress:
+                print(summary_line(out.record, cfg.loop.iterations), flush=True)
+    finally:
+        source.close(wait=False)
     return tracker.records
 
 
@@ -113,40 +123,86 @@ class IterationOutput:
     drawn: list[Prompt]
 
 
+def _rollouts(
+    cfg: Config, runtime: Runtime, train: Sequence[Prompt], state: LoopState, progress: bool
+) -> pipeline.Inline | pipeline.Prefetch:
+    """The rollout source from `state` on: stream position after the prompts drawn so far, and the
+    rollouts an async run's checkpoint kept. Rollouts sampled ahead show no progress bar."""
+    cursor = sum(len(uids) for uids in state.prompt_uids)
+    by_uid = {p.uid: p for p in train}
+    pending = [Drawn.from_json(d, by_uid) for d in state.pending]
+    produce = functools.partial(sample_iteration, cfg, runtime, train, progress and cfg.loop.mode == "sync")
+    return pipeline.rollouts(cfg, produce, state.iteration, cursor, pending)
+
+
+def sample_iteration(
+    cfg: Config, runtime: Runtime, train: Sequence[Prompt], progress: bool, s: int, cursor: int
+) -> Drawn:
+    """Iteration s's rollout from stream position `cursor` (`draw_prompts`), with its wall time
+    and the oldest weight version among its candidates."""
+    start = time.perf_counter()
+    rollout, drawn, prompts, draws = draw_prompts(cfg, runtime, train, cursor, s, progress)
+    version = min((c.policy_version for c in rollout.candidates), default=s)
+    return Drawn(s, rollout, drawn, prompts, draws, time.perf_counter() - start, version)
+
+
 def run_iteration(
     cfg: Config,
     runtime: Runtime,
     memory: CandidateMemory,
-    train: Sequence[Prompt],
+    source: pipeline.Inline | pipeline.Prefetch,
     held_out: Sequence[Prompt],
     state: LoopState,
     s: int,
     progress: bool,
 ) -> IterationOutput:
-    """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate."""
+    """Iteration s (0-based): generate -> score -> lists -> train -> sync -> evaluate. In async
+    mode the rollout was sampled while the previous iteration trained; `timing/generate_wait` is
+    what this iteration waited for it (and for the next one in flight, before the sync)."""
     timing: dict[str, float] = {}
     wall_start = time.perf_counter()
-    cursor = sum(len(uids) for uids in state.prompt_uids)  # stream position: prompts drawn so far
-    rollout, drawn, prompts, draws = timed(timing, "generate", draw_prompts, cfg, runtime, train, cursor, s, progress)
-    lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, prompts, s)
+    waited = time.perf_counter()
+    got = source.take(s)
+    waited = time.perf_counter() - waited
+    timing["generate"] = got.seconds
+    rollout, stale = fresh(cfg, got.rollout, s)
+    lists, stats = timed(timing, "lists", build_lists, cfg, memory, rollout, got.prompts, s)
     result = timed(timing, "train", runtime.train, s, lists)
-    sync = timed(timing, "sync", runtime.sync_weights, s + 1)
-    evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
-    ev, _, answers = (
-        timed(
-            timing, "eval", evaluate, cfg, runtime, held_out, state.initial_rewards, progress, state.initial_responses
+    before_sync = time.perf_counter()
+    with source.generators():  # async: after the rollout in flight
+        waited += time.perf_counter() - before_sync
+        sync = timed(timing, "sync", runtime.sync_weights, s + 1)
+        evaluated = s + 1 == cfg.loop.iterations or (cfg.loop.eval_every and (s + 1) % cfg.loop.eval_every == 0)
+        ev, _, answers = (
+            timed(
+                timing,
+                "eval",
+                evaluate,
+                cfg,
+                runtime,
+                held_out,
+                state.initial_rewards,
+                progress,
+                state.initial_responses,
+            )
+            if evaluated
+            else ({}, {}, [])
         )
-        if evaluated
-        else ({}, {}, [])
-    )
     timing["iteration"] = time.perf_counter() - wall_start  # wall clock, checkpoint excluded
-    timing["overhead"] = timing["iteration"] - sum(v for k, v in timing.items() if k != "iteration")
+    overlapped = cfg.loop.mode == "async"
+    if overlapped:
+        timing["generate_wait"] = waited
+    on_path = [k for k in timing if k not in ("iteration", "generate" if overlapped else "generate_wait")]
+    timing["overhead"] = timing["iteration"] - sum(timing[k] for k in on_path)
     record = {
         "iteration": s + 1,
         **ev,
         **{f"train/{k}": v for k, v in result.metrics.items()},
-        **rollout_metrics(rollout, timing["generate"]),
-        **draws,
+        **rollout_metrics(got.rollout, timing["generate"]),
+        "rollout/policy_version": float(got.version),
+        "rollout/staleness": float(s - got.version),
+        **({"rollout/dropped_stale": float(stale)} if overlapped else {}),
+        **got.draws,
         **list_metrics(stats),
         **{f"sync/{k}": v for k, v in sync.items()},
         **{f"timing/{k}": v for k, v in timing.items()},
@@ -154,8 +210,21 @@ def run_iteration(
     }
     steps = [{k: jsonable(v) for k, v in m.items()} for m in result.step_metrics]
     return IterationOutput(
-        {k: jsonable(v) for k, v in record.items()}, steps, sample_rows(lists, cfg.logging.log_samples), answers, drawn
+        {k: jsonable(v) for k, v in record.items()},
+        steps,
+        sample_rows(lists, cfg.logging.log_samples),
+        answers,
+        got.drawn,
     )
+
+
+def fresh(cfg: Config, rollout: Rollout, s: int) -> tuple[Rollout, int]:
+    """Async mode: the rollout without candidates sampled more than loop.max_staleness weight
+    versions before iteration s's policy, and how many were dropped (sync: as it is, 0)."""
+    if cfg.loop.mode != "async":
+        return rollout, 0
+    keep = [sc for sc in rollout.scored if s - sc.candidate.policy_version <= cfg.loop.max_staleness]
+    return dataclasses.replace(rollout, scored=keep), len(rollout.scored) - len(keep)
 
 
 def _checkpoint_due(cfg: Config, done: int) -> bool:
@@ -171,13 +240,20 @@ def _memory(cfg: Config, state: LoopState) -> CandidateMemory:
 
 
 def advanced(
-    state: LoopState, record: dict, step_metrics: list[dict], memory: CandidateMemory, prompts: list[Prompt]
+    state: LoopState,
+    record: dict,
+    step_metrics: list[dict],
+    memory: CandidateMemory,
+    prompts: list[Prompt],
+    pending: Sequence[Drawn] = (),
 ) -> LoopState:
-    """The loop state after the iteration that `record` describes."""
+    """The loop state after the iteration that `record` describes (`pending`: the rollouts
+    sampled ahead of it, async mode)."""
     return dataclasses.replace(
         state,
         iteration=record["iteration"],
         memory=memory.state_dict(),
+        pending=[d.to_json() for d in pending],
         prompt_uids=state.prompt_uids + [[p.uid for p in prompts]],
         records=state.records + [record],
         steps=state.steps + [{"iteration": record["iteration"], **m} for m in step_metrics],
@@ -223,9 +299,10 @@ def rollback(root: Path | None, iteration: int, state: LoopState, tracker: Track
 def summary_line(record: dict[str, Any], iterations: int) -> str:
     """One console line per iteration: what each phase took and where the metrics stand."""
     get = lambda key: _or_nan(record.get(key))  # noqa: E731 (eval may be skipped)
+    overlap = f", overlapped, waited {record['timing/generate_wait']:.0f}s" if "timing/generate_wait" in record else ""
     return (
         f"iter {record['iteration']}/{iterations}: generate {get('timing/generate'):.0f}s "
-        f"({get('rollout/tokens_per_s'):.0f} tok/s), {get('lists/n_lists'):.0f} lists, "
+        f"({get('rollout/tokens_per_s'):.0f} tok/s{overlap}), {get('lists/n_lists'):.0f} lists, "
         f"train {get('timing/train'):.0f}s loss {get('train/loss'):.4f}, sync {get('timing/sync'):.1f}s, "
         f"eval reward {get('eval/mean_reward'):.3f} win-rate vs initial {get('eval/win_rate_vs_initial'):.3f}"
     )

@@ -262,12 +262,7 @@ class CandidateMemory:
 
     def state_dict(self) -> dict:
         """Plain JSON types (for checkpoints): a flat list of candidate records."""
-        records = [
-            {**dataclasses.asdict(c.candidate), "reward": c.reward, "iteration": c.iteration}
-            for s in sorted(self._store)
-            for cs in self._store[s].values()
-            for c in cs
-        ]
+        records = [scored_record(c) for s in sorted(self._store) for cs in self._store[s].values() for c in cs]
         return {"format": 1, "candidates": records}
 
     def load_state_dict(self, state: dict) -> None:
@@ -275,7 +270,7 @@ class CandidateMemory:
         if state.get("format") != 1:
             raise ValueError(f"unknown CandidateMemory state format {state.get('format')!r}; expected 1")
         self._store = {}
-        self.add(_from_record(r) for r in state["candidates"])
+        self.add(scored_from_record(r) for r in state["candidates"])
 
 
 def _extremes(candidates: list[ScoredCandidate], n: int) -> list[ScoredCandidate]:
@@ -285,9 +280,19 @@ def _extremes(candidates: list[ScoredCandidate], n: int) -> list[ScoredCandidate
     return order[:n]
 
 
-def _from_record(r: dict) -> ScoredCandidate:
-    """Inverse of one `state_dict` record (JSON lists back to tuples)."""
+def scored_record(sc: ScoredCandidate) -> dict:
+    """A scored candidate as plain JSON types (checkpoints: the memory, async mode's pending rollouts)."""
+    return {**dataclasses.asdict(sc.candidate), "reward": sc.reward, "iteration": sc.iteration}
+
+
+def candidate_from_record(r: dict) -> Candidate:
+    """Inverse of `dataclasses.asdict(candidate)` after JSON (lists back to tuples)."""
     fields = {f.name: r[f.name] for f in dataclasses.fields(Candidate)}
     fields["token_ids"] = tuple(fields["token_ids"])
     fields["sample_logps"] = tuple(fields["sample_logps"])
-    return ScoredCandidate(Candidate(**fields), reward=r["reward"], iteration=r["iteration"])
+    return Candidate(**fields)
+
+
+def scored_from_record(r: dict) -> ScoredCandidate:
+    """Inverse of `scored_record`."""
+    return ScoredCandidate(candidate_from_record(r), reward=r["reward"], iteration=r["iteration"])

@@ -167,8 +167,9 @@ class LocalRuntime(Runtime):
 class RayRuntime(Runtime):
     """Generators and reward actors as Ray actors; the learner as a Ray Train group.
 
-    Prompt batches go round-robin to the generators; as soon as a batch is generated it is sent to
-    a reward actor, so scoring overlaps the generation of the next batches.
+    Prompt batches go to the first generator with room (at most two calls each, larpo_ray/dispatch.py);
+    as soon as a batch is generated it is sent to a reward actor, so scoring overlaps the generation
+    of the next batches.
 
     Faults (`cfg.faults`): an actor whose process dies is restarted by Ray (`max_restarts`), or
     replaced once its restarts are spent; one that returns nothing for `call_timeout_s` is killed
@@ -312,7 +313,9 @@ class RayRuntime(Runtime):
             self._weight_group = None
             return {**super().sync_weights(version), "fallbacks": 1.0}
         seconds = time.perf_counter() - start
-        self.fleet.set_weights(version, None)  # no ObjectRef: fetched if a generator restarts later
+        # No ObjectRef is left: one is fetched if a generator restarts later; in async mode now, as the
+        # learner will be training (on to the next version) when a generator restarts mid-rollout.
+        self.fleet.set_weights(version, self.learner.get_weights() if self.cfg.loop.mode == "async" else None)
         for i in range(len(reports)):
             self.fleet.loaded(i, version)
         n_bytes = float(reports[0]["bytes"])

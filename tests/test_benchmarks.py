@@ -19,7 +19,7 @@ def test_gpu_learner_step_smoke(tmp_path):
         timeout=300,
     )
     result = json.loads(out.read_text())
-    assert result["train_tokens_per_s"] > 0 and 0 < result["mfu_vs_measured_peak"] < 1
+    assert result["train_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["tokens_per_step"] <= result["padded_tokens"]
 
 
@@ -72,10 +72,11 @@ def test_learner_smoke(tmp_path):
     result = _smoke("learner.py", tmp_path)
     assert result["matmul_peak_gflops"] > 0
     configs = result["models"][0]["configs"]
-    assert {c["zero_stage"] for c in configs} == {0, 3} and len(configs) == 3
+    assert {c["zero_stage"] for c in configs} == {0, 3} and len(configs) == 4
+    assert [c["layout"] for c in configs] == ["packed"] * 3 + ["padded"]
     for c in configs:
         assert c["train_tokens_per_s"] > 0 and c["ref_tokens_per_s"] > 0 and 0 < c["mfu"] < 1
-        assert 0 <= c["padding_waste"] < 1 and c["params"] > 0
+        assert 0 <= c["padding_frac"] < 1 and c["params"] > 0 and 0 < c["worker_mfu"] <= 1
 
 
 def test_weight_sync_smoke(tmp_path):
@@ -129,12 +130,54 @@ def test_trl_baseline_smoke_trl_side(tmp_path):
 
 
 def test_scale_sim_smoke(tmp_path):
-    """The real RayRuntime.rollout against 1, 2, 4 simulated generators."""
+    """The real RayRuntime.rollout against 2 and 4 simulated generators: both dispatch policies on
+    the same work, then the sync and async loops."""
     result = _run_benchmark("scale_sim.py", tmp_path)
-    rows = result["rows"]
-    assert [r["generators"] for r in rows] == [1, 2, 4]
-    s = result["settings"]
+    s, rows = result["settings"], result["dispatch_rows"]
+    assert [(r["generators"], r["policy"]) for r in rows] == [
+        (n, p) for n in (2, 4) for p in ("round_robin", "first_free")
+    ]
     for r in rows:
         assert r["samples"] == r["generators"] * s["batches_per_generator"] * s["batch_prompts"] * s["k"]
         assert r["wall_s"] > 0.8 * r["ideal_makespan_s"] > 0 and 0 < r["driver_cpu_ms_per_sample"] < 50
-    assert rows[-1]["samples_per_s"] > rows[0]["samples_per_s"]
+        assert 0 < r["scaling_efficiency"] <= 1.05
+        if r["policy"] == "round_robin":  # the same count each, whatever their batches took
+            assert r["batches_per_generator_min_max"] == [s["batches_per_generator"]] * 2
+    for n in (2, 4):
+        sync, async_ = (
+            next(r for r in result["loop_rows"] if (r["generators"], r["mode"]) == (n, m)) for m in ("sync", "async")
+        )
+        assert sync["samples_per_iteration"] == async_["samples_per_iteration"] > 0
+        # training lasts about as long as the rollout here: the async loop overlaps the two
+        assert async_["iteration_s"] < 0.85 * sync["iteration_s"]
+        assert result["summary"][f"async_over_sync_samples_per_s_{n}"] > 1.15
+
+
+def test_gpu_learner_step_restate(tmp_path):
+    """--restate recomputes a recorded result's MFU with the useful-FLOP count (LM head on response
+    tokens only): lower than the old all-positions count, which it keeps; and it refuses a file
+    whose token counts its rebuilt lists do not reproduce."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_learner_step import restate
+
+    old = {  # results/gpu_learner_step_h200_smollm2-135m.json as first recorded (old count)
+        "model": "smollm2-135m",
+        "lists": 8,
+        "k": 4,
+        "tokens_per_step": 14285,
+        "padded_tokens": 15808,
+        "step_seconds_median": 0.12808706900000288,
+        "achieved_tflops": 100.31134811211669,
+        "matmul_peak_tflops": 779.6329465758783,
+        "mfu_vs_measured_peak": 0.1286648397206413,
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(old))
+    result = restate(path)
+    assert result["mfu_old_count"] == old["mfu_vs_measured_peak"]
+    assert result["mfu"] == pytest.approx(0.1168, abs=1e-4) and result["mfu"] < result["mfu_old_count"]
+    assert json.loads(path.read_text()) == result
+    bad = {**old, "tokens_per_step": 1}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="token counts"):
+        restate(path)

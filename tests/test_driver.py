@@ -37,8 +37,10 @@ def test_temperatures_follow_the_schedule_or_the_mix():
     assert temperatures_for(mixed, 0) == [0.6, 1.0, 0.6, 1.0, 0.6]
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sync", "async"])
+def local_run(request, tmp_path_factory):
+    """The tiny preset in this process, 2 iterations, in each loop mode (async: iteration 2's
+    rollout sampled by the initial policy in a thread while iteration 1 trains)."""
     from larpo_ray.run import start
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -46,6 +48,8 @@ def local_run(tmp_path_factory):
         preset="tiny",
         overrides=[
             *builders.IN_PROCESS,
+            "--loop.mode",
+            request.param,
             "--loop.iterations",
             "2",
             "--loop.prompts_per_iteration",
@@ -98,12 +102,18 @@ def test_loop_records_every_iteration_with_all_phases(local_run):
             "rollout/n_scored",
             "system/memory_used_gb",
             "system/driver_rss_gb",
+            "train/padding_frac",
+            "train/mfu",
+            "rollout/staleness",
         ):
             assert key in rec, key
         assert rec["rollout/n_candidates"] == cfg.loop.prompts_per_iteration * cfg.generation.k
         assert rec["rollout/n_scored"] == rec["rollout/n_candidates"]  # the rule scorer scores all
         assert rec["sync/bytes"] > 0
     assert 0.0 <= lines[0]["eval/accuracy"] <= 1.0 and "eval/win_rate_vs_initial" not in lines[0]
+    overlapped = cfg.loop.mode == "async"
+    assert [r["rollout/staleness"] for r in lines[1:]] == ([0.0, 1.0] if overlapped else [0.0, 0.0])
+    assert all(("timing/generate_wait" in r) == overlapped for r in lines[1:])
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == sum(r["train/steps"] for r in lines[1:]) > 0
     assert [s["step"] for s in steps] == sorted(s["step"] for s in steps)  # the global learner step

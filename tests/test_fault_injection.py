@@ -4,9 +4,11 @@
 - the driver is SIGKILLed after iteration 1's checkpoint; `--resume RUN_DIR` finishes the run;
 - a generator's process is killed mid-generation (iteration 1), a reward actor's during scoring
   and a learner worker's during training (iteration 2), all in one run.
-Both runs must end with every iteration in metrics.jsonl and the same numbers as the
-uninterrupted run (timings aside): every candidate's sampling seed derives from (seed,
-iteration, prompt, slot), so re-dispatched batches and redone iterations reproduce exactly.
+Every test runs in both loop modes (loop.mode = sync, async: the next rollout sampled while the
+learner trains, and kept in the checkpoint). Both runs must end with every iteration in
+metrics.jsonl and the same numbers as the uninterrupted run (timings aside): every candidate's
+sampling seed derives from (seed, iteration, prompt, slot), so re-dispatched batches and redone
+iterations reproduce exactly.
 """
 
 import json
@@ -36,6 +38,7 @@ def comparable(run_dir: Path) -> list[dict]:
                 if not k.startswith(("timing/", "sync/", "faults/", "system/"))
                 and "per_s" not in k
                 and "seconds" not in k
+                and k not in ("train/peak_gflops", "train/mfu")  # a matmul timed at start-up
             }
         )
     return rows
@@ -56,10 +59,15 @@ def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module", params=["sync", "async"])
+def base(request) -> list[str]:
+    return [*BASE, "--loop.mode", request.param]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
+def uninterrupted(base, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("faults") / "clean"
-    proc = run_cli(*BASE, "--loop.run_dir", str(run_dir))
+    proc = run_cli(*base, "--loop.run_dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the local instance has no dashboard: Ray Train's placement-group cleaner would warn about
     # its state API every second (topology.quiet_without_dashboard)
@@ -67,10 +75,10 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_driver_killed_after_iteration_1_then_resumed(uninterrupted, tmp_path):
+def test_driver_killed_after_iteration_1_then_resumed(base, uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "larpo_ray.run", *BASE, "--loop.run_dir", str(run_dir)],
+        [sys.executable, "-m", "larpo_ray.run", *base, "--loop.run_dir", str(run_dir)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -99,6 +107,10 @@ def test_driver_killed_after_iteration_1_then_resumed(uninterrupted, tmp_path):
     assert_same_run(uninterrupted, run_dir)
     assert len(list((run_dir / "checkpoints").glob("iter-*"))) == 2  # loop.keep_checkpoints
     assert not list((run_dir / "checkpoints").glob(".iter-*"))  # no half-written checkpoint left
+    if "async" in base:  # iteration 2's rollout, sampled ahead by policy 0, was kept in checkpoint 1
+        kept = json.loads((run_dir / "checkpoints" / "iter-000001" / "state.json").read_text())["pending"]
+        assert [d["iteration"] for d in kept] == [1] and kept[0]["version"] == 0
+        assert comparable(run_dir)[2]["rollout/staleness"] == 1
     steps = [json.loads(line)["iteration"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and set(steps) == {1, 2}  # no step logged twice
     state = json.loads((run_dir / "checkpoints" / "iter-000002" / "state.json").read_text())
@@ -114,7 +126,7 @@ def test_resume_refuses_a_config_that_changes_the_run(uninterrupted, tmp_path):
     assert proc.returncode == 2 and "not a larpo-ray run folder" in proc.stderr
 
 
-def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monkeypatch, capsys):
+def test_actors_killed_mid_iteration_lose_nothing(base, uninterrupted, tmp_path, monkeypatch, capsys):
     """One run: generator 0 dies while generating (iteration 1), reward actor 0 while scoring
     and learner rank 1 as its training starts (iteration 2). Ray restarts the actors, the generator
     re-loads the current weights, the batches are re-dispatched; Ray Train restarts the learner
@@ -164,7 +176,7 @@ def test_actors_killed_mid_iteration_lose_nothing(uninterrupted, tmp_path, monke
     monkeypatch.setattr(topology.RayRuntime, "rollout", faulty_rollout)
     monkeypatch.setattr(learner_group.RayLearnerGroup, "train", faulty_train)
     run_dir = tmp_path / "faulty"
-    cfg = load_config(None, "tiny", [*BASE[2:], "--loop.run_dir", str(run_dir)])
+    cfg = load_config(None, "tiny", [*base[2:], "--loop.run_dir", str(run_dir)])
     try:
         assert align(cfg) == 0
     finally:

@@ -50,14 +50,17 @@ def _act(script, role: str) -> None:
 
 
 class FakeGenerator:
-    def __init__(self, script):
+    def __init__(self, script, delay_s: float = 0.0):
         self.script, self.version, self.loads = script, 0, 0
+        self.delay_s, self.batches = delay_s, 0
 
     def ping(self) -> int:
         return os.getpid()
 
     def generate(self, batch, temperatures, max_new_tokens=None, seed=None):
         _act(self.script, "generate")
+        time.sleep(self.delay_s)
+        self.batches += 1
         return [
             Candidate(p.uid, (1, 2), f"{p.uid}/{j}", (-0.5, -0.5), t, self.version)
             for p in batch
@@ -67,6 +70,9 @@ class FakeGenerator:
     def load_weights(self, version, weights) -> dict:
         self.version, self.loads = version, self.loads + 1
         return {"version": version, "bytes": 8, "seconds": 0.0}
+
+    def generated(self) -> int:
+        return self.batches
 
 
 class FakeReward:
@@ -84,16 +90,17 @@ class FakeReward:
 class FakeRuntime(RayRuntime):
     """The real RayRuntime (dispatch, fault handling) over the stand-in actors."""
 
-    def __init__(self, cfg: Config, script):
-        self.script = script
+    def __init__(self, cfg: Config, script, delays: dict[int, float] | None = None):
+        self.script, self.delays = script, delays or {}  # generator slot -> seconds per batch
         super().__init__(cfg, "unused", with_learner=False)
 
     def _spawn(self, role: str, slot: int = 0):
         import ray
 
         restarts = {"max_restarts": self.cfg.faults.actor_max_restarts, "max_task_retries": 0}
-        cls = FakeGenerator if role == "generator" else FakeReward
-        return ray.remote(cls).options(num_cpus=0, **restarts).remote(self.script)
+        if role == "reward":
+            return ray.remote(FakeReward).options(num_cpus=0, **restarts).remote(self.script)
+        return ray.remote(FakeGenerator).options(num_cpus=0, **restarts).remote(self.script, self.delays.get(slot, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +115,7 @@ def ray_local():
     ray.shutdown()
 
 
-def make(ray_local, plan: dict, actors: int = 2, **faults) -> FakeRuntime:
+def make(ray_local, plan: dict, actors: int = 2, delays: dict[int, float] | None = None, **faults) -> FakeRuntime:
     cfg = Config.from_dict(
         {
             "generation": {"num_generators": actors, "batch_prompts": 2, "k": K},
@@ -117,7 +124,7 @@ def make(ray_local, plan: dict, actors: int = 2, **faults) -> FakeRuntime:
         }
     )
     script = ray_local.remote(Script).options(num_cpus=0).remote(plan)
-    return FakeRuntime(cfg, script)
+    return FakeRuntime(cfg, script, delays)
 
 
 PROMPTS = [Prompt(f"q{i}", f"question {i}", (5, 6, 7)) for i in range(12)]  # 6 batches of 2
@@ -141,6 +148,22 @@ def test_no_fault_baseline(ray_local):
         out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
         assert_complete(out, 0)
         assert out.faults == {}
+    finally:
+        rt.shutdown()
+
+
+def test_a_slow_generator_gets_fewer_batches(ray_local):
+    """First-free dispatch: generator 1 takes 2 s a batch, generator 0 no time. Each holds at most
+    two batches, so generator 1 gets its first two and generator 0 all the others (round-robin
+    would give each 3 of the 6 and the rollout would wait 6 s for generator 1)."""
+    rt = make(ray_local, {}, delays={1: 2.0})
+    try:
+        start = time.monotonic()
+        out = rt.rollout(PROMPTS, [1.0] * K, 0, seed=1)
+        wall = time.monotonic() - start
+        assert_complete(out, 0)
+        assert ray_local.get([g.generated.remote() for g in rt.generators]) == [4, 2]
+        assert wall < 5.5
     finally:
         rt.shutdown()
 
