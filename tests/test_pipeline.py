@@ -150,3 +150,21 @@ def test_a_kept_rollout_whose_prompts_left_the_data_is_refused():
 def test_depth_below_one_is_refused():
     with pytest.raises(ValueError, match="depth must be >= 1"):
         Prefetch(lambda s, c: None, 0, 1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            ["--loop.mode", "asynch"],
+            "loop.mode = 'asynch' is not allowed: choose one of 'sync', 'async' (did you mean async?)",
+        ),
+        (["--loop.max_staleness", "0"], "loop.max_staleness = 0 is not allowed: >= 1"),
+    ],
+)
+def test_bad_loop_mode_settings_are_refused_by_name(override, message):
+    from larpo_ray.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    assert message in str(err.value)
