@@ -45,19 +45,9 @@ SHAPES = {
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = SHAPES[name]
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        vocab_size=vocab,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    )
+    cfg = shape_config(name)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype), cfg
@@ -100,7 +90,7 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
 
 
 def shape_config(name: str):
-    """The Llama config of a SHAPES entry (for FLOP counts: no weights)."""
+    """The Llama config of a SHAPES entry (the benchmark's model, and FLOP counts without weights)."""
     from transformers import LlamaConfig
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[name]
@@ -111,6 +101,8 @@ def shape_config(name: str):
         num_key_value_heads=kv,
         intermediate_size=inter,
         vocab_size=vocab,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
     )
 
 

@@ -129,7 +129,7 @@ def _rollouts(
     """The rollout source from `state` on: stream position after the prompts drawn so far, and the
     rollouts an async run's checkpoint kept. Rollouts sampled ahead show no progress bar."""
     cursor = sum(len(uids) for uids in state.prompt_uids)
-    by_uid = {p.uid: p for p in train}
+    by_uid = {p.uid: p for p in train} if state.pending else {}
     pending = [Drawn.from_json(d, by_uid) for d in state.pending]
     produce = functools.partial(sample_iteration, cfg, runtime, train, progress and cfg.loop.mode == "sync")
     return pipeline.rollouts(cfg, produce, state.iteration, cursor, pending)
